@@ -1,0 +1,184 @@
+"""Batch trees: measure, slice, tile, join and move arbitrary batches along dim 0.
+
+A *batch* is a tensor, or a (named) tuple, list or mapping of batches, nested
+to any depth. A list whose items are all plain values (``str``, numbers, ``None``)
+is a per-sample leaf: it is sliced and joined like a tensor. Any other plain value
+(a scalar, a string) is a constant: copied as is into every piece.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from autoaccum.errors import BatchError
+
+__all__ = [
+    "batch_size",
+    "concat_batches",
+    "map_tensors",
+    "resize_batch",
+    "slice_batch",
+    "split_batch",
+    "to_device",
+]
+
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _is_sample_list(obj: object) -> bool:
+    return isinstance(obj, list) and len(obj) > 0 and all(isinstance(x, _PLAIN) for x in obj)
+
+
+def _rebuild(template: Any, items: Sequence[Any]) -> Any:
+    if isinstance(template, tuple) and hasattr(template, "_fields"):  # namedtuple
+        return type(template)(*items)
+    if isinstance(template, tuple):
+        return tuple(items)
+    return list(items)
+
+
+def _rebuild_mapping(template: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
+    try:
+        return type(template)(items)
+    except Exception:  # a Mapping type whose constructor takes something else
+        return items
+
+
+def _leaf_sizes(batch: Any, out: list[int]) -> None:
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0:
+            raise BatchError(
+                "a batch holds a 0-dimensional tensor, which has no batch dimension to split; "
+                "give every per-sample tensor a leading batch dimension"
+            )
+        out.append(batch.shape[0])
+    elif _is_sample_list(batch):
+        out.append(len(batch))
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            _leaf_sizes(value, out)
+    elif isinstance(batch, (tuple, list)):
+        for value in batch:
+            _leaf_sizes(value, out)
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in ``batch``: the shared size of dim 0 of its leaves.
+
+    Raises :class:`BatchError` when the batch holds no tensor or per-sample list,
+    or when its leaves disagree on dim 0.
+    """
+    sizes: list[int] = []
+    _leaf_sizes(batch, sizes)
+    if not sizes:
+        raise BatchError(
+            f"cannot find a batch dimension in a {type(batch).__name__}: it holds no tensor "
+            "(batches must be tensors, or tuples/lists/dicts of tensors)"
+        )
+    if len(set(sizes)) != 1:
+        raise BatchError(
+            f"the tensors of this batch disagree on their batch dimension (dim 0 sizes {sizes}); "
+            "every per-sample tensor must have the same leading size"
+        )
+    return sizes[0]
+
+
+def map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
+    """Apply ``fn`` to every leaf that has a batch dimension; keep constants as they are."""
+    if isinstance(batch, torch.Tensor) or _is_sample_list(batch):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return _rebuild_mapping(batch, {k: map_tensors(v, fn) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return _rebuild(batch, [map_tensors(v, fn) for v in batch])
+    return batch
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Samples ``[start, stop)`` of ``batch`` (views for tensors, no copy)."""
+    return map_tensors(batch, lambda leaf: leaf[start:stop])
+
+
+def split_batch(batch: Any, sizes: Sequence[int]) -> list[Any]:
+    """Split ``batch`` along dim 0 into consecutive pieces of the given sizes."""
+    total = batch_size(batch)
+    if sum(sizes) != total:
+        raise BatchError(f"cannot split a batch of {total} samples into pieces of {list(sizes)}")
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(slice_batch(batch, start, start + size))
+        start += size
+    return pieces
+
+
+def _tile_leaf(leaf: Any, n: int) -> Any:
+    have = len(leaf)
+    reps = -(-n // have)
+    if isinstance(leaf, torch.Tensor):
+        if reps > 1:
+            leaf = leaf.repeat(reps, *([1] * (leaf.dim() - 1)))
+        return leaf[:n].contiguous()
+    return (list(leaf) * reps)[:n]
+
+
+def resize_batch(batch: Any, n: int) -> Any:
+    """``batch`` with exactly ``n`` samples: its first ``n``, or its samples repeated in order."""
+    if n <= 0:
+        raise BatchError(f"cannot resize a batch to {n} samples; the size must be positive")
+    if batch_size(batch) == 0:
+        raise BatchError("cannot resize an empty batch: it holds no sample to repeat")
+    return map_tensors(batch, lambda leaf: _tile_leaf(leaf, n))
+
+
+def _join(leaves: list[Any]) -> Any:
+    first = leaves[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(x, torch.Tensor) for x in leaves):
+            raise BatchError("cannot join batches: a tensor in one batch is not a tensor in another")
+        shapes = {tuple(x.shape[1:]) for x in leaves}
+        if len(shapes) != 1:
+            raise BatchError(
+                f"cannot join batches whose samples have different shapes {sorted(shapes)} "
+                "(ragged batches, e.g. padded to different lengths); pass a DataLoader so that "
+                "autoaccum collates each micro-batch itself, or pad to a fixed length"
+            )
+        return torch.cat(leaves, dim=0)
+    joined: list[Any] = []
+    for leaf in leaves:
+        joined.extend(leaf)
+    return joined
+
+
+def concat_batches(batches: Sequence[Any]) -> Any:
+    """Join batches of the same structure along dim 0."""
+    if not batches:
+        raise BatchError("cannot join an empty list of batches")
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    if isinstance(first, torch.Tensor) or _is_sample_list(first):
+        return _join(list(batches))
+    if isinstance(first, Mapping):
+        keys = list(first.keys())
+        if any(not isinstance(b, Mapping) or list(b.keys()) != keys for b in batches):
+            raise BatchError("cannot join batches whose dictionaries have different keys")
+        return _rebuild_mapping(first, {k: concat_batches([b[k] for b in batches]) for k in keys})
+    if isinstance(first, (tuple, list)):
+        if any(not isinstance(b, (tuple, list)) or len(b) != len(first) for b in batches):
+            raise BatchError("cannot join batches of different structure (tuple lengths differ)")
+        return _rebuild(first, [concat_batches([b[i] for b in batches]) for i in range(len(first))])
+    return first
+
+
+def to_device(batch: Any, device: torch.device, *, non_blocking: bool = False) -> Any:
+    """Move every tensor of ``batch`` to ``device``."""
+
+    def move(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            return leaf.to(device, non_blocking=non_blocking)
+        return leaf
+
+    return map_tensors(batch, move)
