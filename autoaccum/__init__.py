@@ -17,17 +17,35 @@ from autoaccum.errors import (
     NonFiniteLossError,
     PlanError,
 )
+from autoaccum.fit import fit
+from autoaccum.losses import count_tokens, default_count, default_loss
+from autoaccum.memory import (
+    ActivationFit,
+    MemoryBreakdown,
+    MemoryReport,
+    breakdown,
+    fit_activation,
+    footprint,
+    memory_report,
+)
 from autoaccum.oom import free_memory, is_oom
 from autoaccum.plan import Plan, make_plan
+from autoaccum.probe import DEFAULT_MARGIN, probe
+from autoaccum.result import FitResult
 from autoaccum.search import ProbeResult, TrialRecord, search_max_batch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MARGIN",
+    "ActivationFit",
     "AutoAccumError",
     "BatchError",
     "ConfigError",
     "DistributedError",
+    "FitResult",
+    "MemoryBreakdown",
+    "MemoryReport",
     "NoBatchFitsError",
     "NonFiniteLossError",
     "Plan",
@@ -35,8 +53,17 @@ __all__ = [
     "ProbeResult",
     "TrialRecord",
     "__version__",
+    "breakdown",
+    "count_tokens",
+    "default_count",
+    "default_loss",
+    "fit",
+    "fit_activation",
+    "footprint",
     "free_memory",
     "is_oom",
     "make_plan",
+    "memory_report",
+    "probe",
     "search_max_batch",
 ]

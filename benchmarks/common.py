@@ -1,0 +1,261 @@
+"""What every benchmark shares: devices and caps, timing, worker processes, JSON and tables."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.workloads import CAPS, WORKLOADS
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "out"
+
+#: A worker prints its result as one line ``BENCH_RESULT {json}`` on stdout (peers log there too).
+RESULT_MARKER = "BENCH_RESULT "
+EXIT_OK = 0
+EXIT_OOM = 3
+
+#: The peers, by the module that provides them (first one importable wins).
+PEER_MODULES: dict[str, tuple[str, ...]] = {
+    "lightning": ("lightning", "pytorch_lightning"),
+    "accelerate": ("accelerate",),
+}
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def peer_module(peer: str) -> str | None:
+    """The importable module that provides ``peer``, or None when it is not installed."""
+    for name in PEER_MODULES[peer]:
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def env_info(device: torch.device) -> dict[str, Any]:
+    """Card, versions and date: the header of every result."""
+    info: dict[str, Any] = {
+        "date": _dt.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "autoaccum": _version("autoaccum"),
+        "device": str(device),
+        "device_name": platform.processor() or platform.machine(),
+        "total_memory_gib": None,
+        "cpu_threads": torch.get_num_threads(),
+        "peers": {
+            peer: (_version(mod.replace("_", "-")) if mod else None)
+            for peer in PEER_MODULES
+            for mod in [peer_module(peer)]
+        },
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device_name"] = props.name
+        info["total_memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def env_line(env: dict[str, Any]) -> str:
+    card = env["device_name"] if env["device"] != "cpu" else f"CPU ({env['device_name']})"
+    mem = f", {env['total_memory_gib']} GiB" if env.get("total_memory_gib") else ""
+    peers = ", ".join(f"{k} {v or 'not installed'}" for k, v in env["peers"].items())
+    return f"{card}{mem}; torch {env['torch']}; {env['date']}; {peers}"
+
+
+def pick_device(tiny: bool) -> torch.device:
+    if tiny:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "no CUDA device: these benchmarks measure GPU memory and time. "
+            "Use --tiny for the CPU smoke mode (fault-injected OOM, not a measurement)."
+        )
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def apply_cap(cap: str, device: torch.device) -> None:
+    """Emulate a smaller card: cap this process's share of the device's memory.
+
+    In tiny mode the cap is a fault-injection budget set on the model instead.
+    """
+    cap_bytes = CAPS[cap]
+    if cap_bytes is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    """Allocator peak since :func:`reset_peak` on CUDA; None on CPU (not measured there)."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def median(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, caps: str = "24GiB,uncapped") -> None:
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny models, fault-injected OOM")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where JSON and markdown go")
+    parser.add_argument("--workloads", type=csv, default=list(WORKLOADS), help="comma-separated: gpt2,resnet50")
+    parser.add_argument("--caps", type=csv, default=csv(caps), help="comma-separated: 24GiB,uncapped")
+    parser.add_argument(
+        "--deadline", type=float, default=None, help="unix time after which remaining work is skipped"
+    )
+
+
+def check_names(args: argparse.Namespace) -> None:
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            raise SystemExit(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    for c in args.caps:
+        if c not in CAPS:
+            raise SystemExit(f"unknown cap {c!r}; choose from {', '.join(CAPS)}")
+
+
+def time_left(deadline: float | None) -> float:
+    return float("inf") if deadline is None else deadline - time.time()
+
+
+def label(workload: str, cap: str) -> str:
+    return f"{workload}@{cap}"
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def emit(result: dict[str, Any]) -> None:
+    """A worker's answer: one marked JSON line on stdout."""
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+@dataclass(frozen=True)
+class WorkerOutcome:
+    rc: int | None  #: None when it ran past its timeout
+    result: dict[str, Any] | None
+    seconds: float
+    tail: str  #: the end of stderr, for error reports
+
+
+def run_worker(module: str, args: Sequence[str], timeout: float) -> WorkerOutcome:
+    """Run ``python -m module args`` in a fresh process; parse its marked JSON line."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=max(1.0, timeout),
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        return WorkerOutcome(None, None, time.perf_counter() - start, err[-2000:])
+    seconds = time.perf_counter() - start
+    result = None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            result = json.loads(line[len(RESULT_MARKER) :])
+            break
+    return WorkerOutcome(proc.returncode, result, seconds, proc.stderr[-2000:])
+
+
+# --------------------------------------------------------------------------- output
+
+
+def verdict(ok: bool | None) -> str:
+    return "N/A" if ok is None else ("PASS" if ok else "MISS")
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def gib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[fmt(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, name: str, data: dict[str, Any], markdown: str) -> Path:
+    """``out/name.json`` and ``out/name.md``; returns the JSON path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown + "\n")
+    return path
+
+
+def mode_note(tiny: bool) -> str:
+    if tiny:
+        return (
+            "CPU tiny mode: tiny models, OOM is fault-injected by a micro-batch budget "
+            "(not a measurement); times are CPU wall-clock."
+        )
+    return "GPU: times CUDA-synchronised; peak memory from torch's allocator."

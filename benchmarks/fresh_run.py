@@ -1,0 +1,75 @@
+"""Worker: train ``--steps`` optimizer steps at micro-batch ``--size`` in this fresh process.
+
+Exit status 0 when every step ran, 3 when it ran out of memory, 1 on any other error;
+the marked JSON line on stdout says the same with timings and peak memory. Used by
+bench_probe to find the *stable maximum*: the largest size that survives a long run
+started afresh, free of the search's cached allocator state.
+
+    python -m benchmarks.fresh_run --workload gpt2 --cap 24GiB --size 15 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+
+import torch
+
+from autoaccum import is_oom
+from benchmarks.common import (
+    EXIT_OK,
+    EXIT_OOM,
+    apply_cap,
+    emit,
+    peak_bytes,
+    pick_device,
+    reset_peak,
+    sync,
+)
+from benchmarks.loops import hand_window
+from benchmarks.workloads import CAPS, WORKLOADS, build, get_workload
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workload", choices=list(WORKLOADS), required=True)
+    p.add_argument("--cap", choices=list(CAPS), required=True)
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--tiny", action="store_true")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.tiny)
+    apply_cap(args.cap, device)
+    wl = get_workload(args.workload, args.tiny)
+    result: dict[str, object] = {"size": args.size, "steps": args.steps, "steps_done": 0}
+    start = time.perf_counter()
+    failed: str | None = None
+    try:
+        model = build(wl, args.cap, device)
+        optimizer = wl.make_optimizer(model)
+        # One batch, resident like a loader's current batch; reused for every step.
+        batch = wl.make_batch(args.size, device, 1)
+        reset_peak(device)
+        for _ in range(args.steps):
+            hand_window(model, optimizer, wl.loss_fn, [batch], wl.precision(device), device)
+            result["steps_done"] = int(result["steps_done"]) + 1  # type: ignore[call-overload]
+        sync(device)
+    except Exception as exc:
+        failed = "oom" if is_oom(exc) else "error"
+        result["error"] = traceback.format_exception_only(exc)[-1].strip()[:500]
+    result["seconds"] = time.perf_counter() - start
+    result["peak_allocated"] = peak_bytes(device)
+    result["ok"] = failed is None
+    result["failure"] = failed
+    emit(result)
+    if failed == "error":
+        print(result["error"], file=sys.stderr)
+        return 1
+    return EXIT_OOM if failed == "oom" else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

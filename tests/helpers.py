@@ -1,0 +1,45 @@
+"""Test doubles: fault injection on the CPU, and small real models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class OOMAbove(nn.Module):
+    """Identity that raises a real ``torch.OutOfMemoryError`` when the batch exceeds ``limit``.
+
+    Put it after layers with state (BatchNorm) so that a failed trial has already
+    changed something that the probe must put back.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise OOM(f"CUDA out of memory. Tried to allocate {x.shape[0]} MiB (injected)")
+        return x
+
+
+def bn_net(limit: int = 10**9, *, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """Linear → BatchNorm → Dropout → OOM injection → ReLU → Linear."""
+    return nn.Sequential(
+        nn.Linear(6, 16),
+        nn.BatchNorm1d(16),
+        nn.Dropout(0.1),
+        OOMAbove(limit),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    ).to(dtype)
+
+
+def mlp(limit: int = 10**9, *, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), OOMAbove(limit), nn.Linear(8, 3)).to(dtype)

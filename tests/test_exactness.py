@@ -1,0 +1,185 @@
+"""Every optimizer step applies exactly the gradient of one big batch of the same samples.
+
+Float64 throughout: plain SGD through ``fit`` must land on the parameters that
+full-window SGD gives within 1e-10 (relative), for uneven micro sizes, token-weighted
+losses and the short last window; the naive ``loss / accum_iter`` fails the same test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+from helpers import OOMAbove, mlp
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import autoaccum
+from autoaccum.plan import make_plan
+from autoaccum.tree import split_batch
+
+TOL = 1e-10
+LR = 0.5
+Batch = tuple[torch.Tensor, ...]
+
+
+def rel_diff(a: nn.Module, b: nn.Module) -> float:
+    pairs = list(zip(a.parameters(), b.parameters(), strict=True))
+    num = sum(float((p - q).norm() ** 2) for p, q in pairs)
+    den = sum(float(q.norm() ** 2) for _, q in pairs)
+    return math.sqrt(num / den)
+
+
+def samples(n: int, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return TensorDataset(x, y)
+
+
+def tokens(n: int, length: int = 6, vocab: int = 11, seed: int = 0) -> TensorDataset:
+    """Sequences with 1..length target tokens each; the rest is ignored (-100)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=gen)
+    y = torch.randint(0, vocab, (n, length), generator=gen)
+    valid = torch.randint(1, length + 1, (n,), generator=gen)
+    y[torch.arange(length).expand(n, length) >= valid.unsqueeze(1)] = -100
+    return TensorDataset(x, y)
+
+
+def token_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(11, 4), nn.Tanh(), nn.Linear(4, 11)).to(torch.float64)
+
+
+def ce(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def token_ce(model: nn.Module, batch: Batch) -> torch.Tensor:
+    logits = model(batch[0])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1), ignore_index=-100)
+
+
+def windows_of(data: TensorDataset, target: int) -> list[Batch]:
+    return [tuple(t[i : i + target] for t in data.tensors) for i in range(0, len(data), target)]
+
+
+def reference(model: nn.Module, windows: Sequence[Batch], loss: Callable[[nn.Module, Batch], torch.Tensor]) -> list[float]:
+    """Full-window SGD: one forward and backward over each whole window."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for window in windows:
+        value = loss(model, window)
+        value.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(value.item())
+    return losses
+
+
+def naive(model: nn.Module, windows: Sequence[Batch], loss: Callable[[nn.Module, Batch], torch.Tensor], max_micro: int) -> None:
+    """What Lightning and Accelerate do: each micro loss divided by the full accumulation count."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    target = len(windows[0][0])
+    accum = make_plan(target, max_micro).accum_iter
+    for window in windows:
+        sizes = make_plan(target, max_micro).window_sizes(len(window[0]))
+        for micro in split_batch(window, sizes):
+            (loss(model, micro) / accum).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def fit_sgd(model: nn.Module, data: Any, target: int, **kwargs: Any) -> autoaccum.FitResult:
+    return autoaccum.fit(
+        model,
+        data,
+        target,
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        device="cpu",
+        progress=False,
+        report=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(("n", "target", "max_micro"), [(27, 10, 4), (64, 16, 5), (30, 10, 10), (25, 8, 3), (9, 16, 4)])
+def test_sample_weighted_uneven_and_partial_window(n: int, target: int, max_micro: int) -> None:
+    data = samples(n)
+    model = mlp()
+    result = fit_sgd(model, DataLoader(data, batch_size=7), target, loss_fn=ce, max_micro=max_micro)
+    ref = mlp()
+    ref_losses = reference(ref, windows_of(data, target), ce)
+    assert rel_diff(model, ref) < TOL
+    assert result.losses == pytest.approx(ref_losses, rel=1e-12)
+    assert result.optimizer_steps == math.ceil(n / target)
+    assert result.samples_seen == n
+
+
+@pytest.mark.parametrize("loader", [True, False])
+def test_token_weighted_with_default_loss_and_count(loader: bool) -> None:
+    data = tokens(23)
+    source: Any = DataLoader(data, batch_size=5) if loader else windows_of(data, 4)
+    model = token_model()
+    result = fit_sgd(model, source, 10, max_micro=4)  # 4+3+3 sequences, uneven token counts
+    ref = token_model()
+    ref_losses = reference(ref, windows_of(data, 10), token_ce)
+    assert rel_diff(model, ref) < TOL
+    assert result.losses == pytest.approx(ref_losses, rel=1e-12)
+
+
+def test_naive_division_by_accum_iter_fails_the_same_test() -> None:
+    """Negative control: uneven token counts and the short last window break ``loss / accum``."""
+    data = tokens(23)
+    windows = windows_of(data, 10)
+    ref, bad = token_model(), token_model()
+    reference(ref, windows, token_ce)
+    naive(bad, windows, token_ce, max_micro=4)
+    assert rel_diff(bad, ref) > 1e-4
+    # and the samples case, where only uneven splits and the last window differ
+    data = samples(27)
+    ref, bad = mlp(), mlp()
+    reference(ref, windows_of(data, 10), ce)
+    naive(bad, windows_of(data, 10), ce, max_micro=4)
+    assert rel_diff(bad, ref) > 1e-4
+
+
+def test_exact_through_the_probe_with_injected_oom() -> None:
+    """The probe finds 6, keeps 5 after the margin, and leaves no trace: still exact."""
+    data = samples(40)
+    model = mlp(limit=6)
+    result = fit_sgd(model, DataLoader(data, batch_size=8), 16, loss_fn=ce)
+    assert result.probe is not None
+    assert (result.probe.max_batch, result.probe.micro_batch) == (6, 5)
+    assert result.plan.micro_sizes == (4, 4, 4, 4)
+    ref = mlp()
+    reference(ref, windows_of(data, 16), ce)
+    assert rel_diff(model, ref) < TOL
+    layer = next(m for m in model.modules() if isinstance(m, OOMAbove))
+    assert max(layer.sizes[-10:]) <= 5  # training never ran above the plan
+
+
+def test_several_epochs_and_max_steps() -> None:
+    data = samples(25)
+    model = mlp()
+    sched_steps: list[int] = []
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (sched_steps.append(step), 1.0)[1])
+    result = autoaccum.fit(
+        model, DataLoader(data, batch_size=4), 10, loss_fn=ce, optimizer=opt, scheduler=sched,
+        epochs=3, max_micro=3, device="cpu", progress=False, report=False,
+    )
+    assert result.optimizer_steps == 9 == len(result.losses)  # ceil(25 / 10) per epoch
+    assert sched_steps == list(range(10))  # once at construction, then once per optimizer step
+    assert result.epochs == 3
+    assert result.samples_seen == 75
+    ref = mlp()
+    reference(ref, windows_of(data, 10) * 3, ce)
+    assert rel_diff(model, ref) < TOL
+    capped = fit_sgd(mlp(), DataLoader(data, batch_size=4), 10, loss_fn=ce, epochs=3, max_steps=4, max_micro=3)
+    assert capped.optimizer_steps == 4

@@ -1,0 +1,181 @@
+"""probe(): real training trials, the safety margin, and a probe that leaves no trace."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+from helpers import OOMAbove, bn_net
+from torch import nn
+from torch.nn import functional as F
+
+import autoaccum
+from autoaccum import BatchError, ConfigError, NoBatchFitsError
+from autoaccum.probe import apply_margin
+
+
+def ce(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def data(n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def trained(limit: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = bn_net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ce(model, data(8)).backward()  # optimizer state exists before the probe
+    opt.step()
+    opt.zero_grad()
+    oom_layer(model).limit = limit
+    oom_layer(model).sizes.clear()
+    return model, opt
+
+
+def oom_layer(model: nn.Module) -> OOMAbove:
+    return next(m for m in model.modules() if isinstance(m, OOMAbove))
+
+
+def test_state_is_bit_identical_after_a_probe_with_ooms() -> None:
+    model, opt = trained(limit=37)
+    model.eval()
+    model[2].train()  # a mixed mode must come back as it was
+    before_model = {k: v.clone() for k, v in model.state_dict().items()}
+    before_opt = opt.state_dict()
+    before_opt_state = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in s.items()} for k, s in before_opt["state"].items()}
+    rng, py_rng = torch.get_rng_state(), random.getstate()
+
+    result = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=256)
+
+    assert result.max_batch == 37
+    assert oom_layer(model).sizes  # trials really ran the model
+    after = model.state_dict()
+    assert before_model.keys() == after.keys()
+    for key, value in before_model.items():
+        assert torch.equal(value, after[key]), key  # BatchNorm running stats included
+    state = opt.state_dict()["state"]
+    for idx, saved in before_opt_state.items():
+        for name, value in saved.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state[idx][name])), (idx, name)
+    assert opt.state_dict()["param_groups"] == before_opt["param_groups"]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert random.getstate() == py_rng
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training and model[2].training and not model[1].training
+
+
+def test_fresh_optimizer_has_no_state_after_probe() -> None:
+    torch.manual_seed(0)
+    model = bn_net(12)
+    opt = torch.optim.AdamW(model.parameters())
+    autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64)
+    assert len(opt.state) == 0
+
+
+def test_trial_runs_two_micro_steps_and_an_optimizer_step() -> None:
+    model, opt = trained(limit=10**9)
+    steps: list[int] = []
+    original_step = opt.step
+
+    def counting_step(*args: Any, **kwargs: Any) -> Any:
+        steps.append(len(oom_layer(model).sizes))
+        return original_step(*args, **kwargs)
+
+    opt.step = counting_step  # type: ignore[method-assign]
+    oom_layer(model).sizes.clear()
+    result = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=8)
+    # BatchNorm: never below 2. Trials at 2, 4, 8: two forwards each, then a step.
+    assert [t.size for t in result.trials] == [2, 4, 8]
+    assert oom_layer(model).sizes == [2, 2, 4, 4, 8, 8]
+    assert steps == [2, 4, 6]
+
+
+def test_margin_applies_only_when_memory_bound() -> None:
+    model, opt = trained(limit=100)
+    bound = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=1000)
+    assert (bound.max_batch, bound.micro_batch, bound.margin) == (100, 98, 0.02)
+    capped = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64)
+    assert (capped.max_batch, capped.micro_batch) == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "margin", "expected"),
+    [(16, 0.02, 15), (1863, 0.02, 1825), (52, 0.02, 50), (1, 0.02, 1), (100, 0.0, 100), (2, 0.3, 1)],
+)
+def test_apply_margin(max_batch: int, margin: float, expected: int) -> None:
+    assert apply_margin(max_batch, margin=margin, hit_limit=True) == expected
+
+
+def test_margin_out_of_range() -> None:
+    model, opt = trained(limit=100)
+    with pytest.raises(ConfigError, match="margin"):
+        autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64, margin=0.7)
+
+
+def test_batchnorm_never_tried_on_one_sample() -> None:
+    model, opt = trained(limit=1)
+    with pytest.raises(NoBatchFitsError, match=r"smallest micro-batch \(2\)"):
+        autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64)
+
+
+def test_batch_is_tiled_from_real_samples() -> None:
+    seen: list[torch.Tensor] = []
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        seen.append(batch[0])
+        return ce(model, batch)
+
+    model, opt = trained(limit=10**9)
+    x, y = data(3)
+    autoaccum.probe(model, (x, y), loss_fn=loss, optimizer=opt, upper=7)
+    assert torch.equal(seen[-1], torch.cat([x, x, x])[:7])
+
+
+class Frozen(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 3).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_bad_inputs_get_clear_errors() -> None:
+    model, opt = trained(limit=100)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        frozen = Frozen()
+        autoaccum.probe(frozen, data(), loss_fn=ce, optimizer=torch.optim.SGD(frozen.parameters(), lr=0.1), upper=8)
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="holds none of the model's trainable parameters"):
+        autoaccum.probe(model, data(), loss_fn=ce, optimizer=other, upper=8)
+    with pytest.raises(BatchError, match="empty"):
+        autoaccum.probe(model, (torch.empty(0, 6), torch.empty(0, dtype=torch.long)), loss_fn=ce, optimizer=opt, upper=8)
+    with pytest.raises(ConfigError, match=r"upper \(2\) is smaller than lower \(4\)"):
+        autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=2, lower=4)
+    with pytest.raises(ConfigError, match="scalar"):
+        autoaccum.probe(
+            model, data(), loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+            optimizer=opt, upper=8,
+        )
+
+
+def test_non_oom_error_in_a_trial_restores_state_and_propagates() -> None:
+    model, opt = trained(limit=10**9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        value = ce(model, batch)
+        if batch[0].shape[0] >= 8:
+            raise ValueError("user bug at 8")
+        return value
+
+    with pytest.raises(ValueError, match="user bug"):
+        autoaccum.probe(model, data(), loss_fn=loss, optimizer=opt, upper=64)
+    for key, value in model.state_dict().items():
+        assert torch.equal(before[key], value), key
