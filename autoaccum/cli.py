@@ -38,7 +38,7 @@ FACTORY is called with no arguments and returns
 
 or the tuple (model, batch[, loss_fn[, optimizer]]):
 
-  model      a torch.nn.Module, on the CPU: the command moves it to --device
+  model      a torch.nn.Module (on any device: the command moves it to --device)
   batch      a sample batch of real samples (any number ≥ 1; a tensor, tuple, list or
              dict of tensors along dim 0); trials tile it to each size tried
   loss_fn    optional: loss_fn(model, batch) -> mean loss (a scalar tensor); default
@@ -224,38 +224,32 @@ def _cmd_probe(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    from rich.console import Console
-
     from autoaccum.report import print_report
 
-    console = Console()
     for obj in (result, plan, explained):
-        print_report(obj, console)
+        print_report(obj)
     return 0
 
 
-def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser], load: bool) -> None:
+def _load_demo() -> ModuleType:
+    """``autoaccum.demo``, imported only when the demo is the command being run."""
+    try:
+        return importlib.import_module("autoaccum.demo")
+    except Exception as exc:  # not installed, or it imports something missing
+        raise UsageError(f"the demo is not available: {type(exc).__name__}: {exc}") from None
+
+
+def _add_demo(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], demo: ModuleType | None
+) -> None:
     parser = sub.add_parser(
         "demo",
         help="run the bundled demo (probe, plan and train a small model)",
         description="Run the bundled demo: probe, plan and train a small model.",
     )
-    parser.set_defaults(handler=_cmd_demo, demo_error=None)
-    if not load:
-        return
-    try:
-        demo = importlib.import_module("autoaccum.demo")
+    if demo is not None:
         demo.add_arguments(parser)
-    except Exception as exc:  # not written yet, or it imports something missing
-        parser.set_defaults(demo_error=f"the demo is not available: {type(exc).__name__}: {exc}")
-        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.demo_error is not None:
-        raise UsageError(args.demo_error)
-    demo = importlib.import_module("autoaccum.demo")
-    return int(demo.main(args))
+        parser.set_defaults(handler=lambda args: demo.main(args))
 
 
 def _version() -> str:
@@ -264,9 +258,11 @@ def _version() -> str:
     return __version__
 
 
-def build_parser(*, load_demo: bool = False) -> argparse.ArgumentParser:
-    """The argument parser. ``load_demo`` imports ``autoaccum.demo`` to register its options
-    (only done when the demo is the command being run)."""
+def build_parser(*, demo: ModuleType | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``demo`` (the ``autoaccum.demo`` module) registers its options.
+
+    The demo is imported only when it is the command being run, so other commands never
+    pay for (or fail on) it."""
     from autoaccum.precision import PRECISIONS
     from autoaccum.probe import DEFAULT_MARGIN
 
@@ -278,7 +274,7 @@ def build_parser(*, load_demo: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autoaccum {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    _add_demo(sub, load_demo)
+    _add_demo(sub, demo)
 
     report = sub.add_parser(
         "report",
@@ -294,8 +290,8 @@ def build_parser(*, load_demo: bool = False) -> argparse.ArgumentParser:
     probe = sub.add_parser(
         "probe",
         help="probe a model's largest micro-batch, plan target_batch, explain the memory",
-        description="Import MODULE, call FACTORY(), probe the largest micro-batch that trains "
-        "(real forward/backward/optimizer steps, catching out-of-memory), plan target_batch "
+        description="Import MODULE, call FACTORY(), probe the largest micro-batch that trains\n"
+        "(real forward/backward/optimizer steps, catching out-of-memory), plan target_batch\n"
         "exactly and show where the memory goes.",
         epilog=FACTORY_CONTRACT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -328,15 +324,19 @@ def build_parser(*, load_demo: bool = False) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(load_demo=bool(args_list) and args_list[0] == "demo")
+    command = "demo" if args_list[:1] == ["demo"] else None
     try:
-        args = parser.parse_args(args_list)
-    except SystemExit as exc:  # --help, --version, or a usage error argparse printed
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    try:
+        demo = _load_demo() if command == "demo" else None
+        parser = build_parser(demo=demo)
+        try:
+            args = parser.parse_args(args_list)
+        except SystemExit as exc:  # --help, --version, or a usage error argparse printed
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        command = args.command
         return int(args.handler(args))
     except UsageError as exc:
-        sys.stderr.write(f"autoaccum {args.command}: error: {exc}\n")
+        prog = f"autoaccum {command}" if command else "autoaccum"
+        sys.stderr.write(f"{prog}: error: {exc}\n")
         return 2
     except AutoAccumError as exc:
         sys.stderr.write(f"error: {exc}\n")

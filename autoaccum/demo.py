@@ -48,16 +48,17 @@ def _mlp(classes: int, width: int) -> nn.Module:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-batch", type=int, default=256, help="samples per optimizer step")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--samples", type=int, default=6000, help="size of the synthetic data set")
-    parser.add_argument("--width", type=int, default=256, help="hidden width of the MLP")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=4000, help="size of the synthetic data set")
+    parser.add_argument("--width", type=int, default=128, help="hidden width of the MLP")
+    parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA if any)")
     parser.add_argument(
         "--budget-mib",
         type=float,
-        default=7.0,
-        help="CPU only: the emulated device memory, in MiB (2^20 bytes)",
+        default=0.8,
+        help="CPU only: the emulated device memory, in MiB (2^20 bytes); the default fits "
+        "about 96 samples of the default model, so a target of 256 needs accumulation",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

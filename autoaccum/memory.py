@@ -18,16 +18,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from autoaccum.plan import Plan
 from autoaccum.search import ProbeResult
-
-if TYPE_CHECKING:
-    from rich.console import RenderableType
 
 __all__ = [
     "ActivationFit",
@@ -51,8 +48,9 @@ DEFAULT_PROC_CGROUP = "/proc/self/cgroup"
 _V1_UNLIMITED = 2**60
 
 
-def _rich(obj: object) -> RenderableType:
-    from autoaccum.report import renderable  # lazily: only report.py imports rich
+def _rich(obj: object) -> object:
+    """The rich renderable of ``obj``, from report.py, imported only when rendering."""
+    from autoaccum.report import renderable
 
     return renderable(obj)
 
@@ -197,7 +195,7 @@ class MemoryReport:
             "notes": list(self.notes),
         }
 
-    def __rich__(self) -> RenderableType:
+    def __rich__(self) -> object:
         return _rich(self)
 
 
@@ -716,7 +714,7 @@ class MemoryBreakdown:
             "notes": list(self.notes),
         }
 
-    def __rich__(self) -> RenderableType:
+    def __rich__(self) -> object:
         return _rich(self)
 
 

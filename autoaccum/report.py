@@ -17,7 +17,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from autoaccum.memory import ActivationFit, MemoryBreakdown, MemoryReport
+from autoaccum.memory import ActivationFit, MemoryBreakdown, MemoryReport, breakdown
 from autoaccum.plan import Plan
 from autoaccum.result import FitResult
 from autoaccum.search import ProbeResult
@@ -32,6 +32,7 @@ __all__ = [
     "plan_renderable",
     "print_fit_report",
     "print_report",
+    "probe_renderable",
     "probe_table",
     "render_text",
     "renderable",
@@ -138,21 +139,8 @@ def memory_report_renderable(report: MemoryReport) -> RenderableType:
 
 def probe_table(probe: ProbeResult) -> Table:
     """The trials in the order they ran: size, fit ✓/✗, peak memory, seconds."""
-    if probe.micro_batch < probe.max_batch:
-        margin = f"less a {probe.margin:.0%} margin"
-    elif probe.margin and not probe.hit_limit:
-        margin = "no margin: nothing ran out of memory"
-    else:
-        margin = "no margin"
-    caption = (
-        f"largest that fit: {probe.max_batch}; micro_batch {probe.micro_batch} ({margin}); "
-        f"limited by {probe.limited_by}; {len(probe.trials)} trials in {probe.seconds:.2f} s\n"
-        f"{UNITS}"
-    )
     table = Table(
-        title=f"Probe on {probe.device} (sizes {probe.lower}…{probe.upper})",
-        box=box.SIMPLE_HEAD,
-        caption=caption,
+        title=f"Probe on {probe.device} (sizes {probe.lower}…{probe.upper})", box=box.SIMPLE_HEAD
     )
     table.add_column("#", justify="right")
     table.add_column("size", justify="right")
@@ -175,6 +163,21 @@ def probe_table(probe: ProbeResult) -> Table:
             f"{trial.seconds:.3f}",
         )
     return table
+
+
+def probe_renderable(probe: ProbeResult) -> RenderableType:
+    """The trial table, then what the search concluded."""
+    if probe.micro_batch < probe.max_batch:
+        margin = f"less a {probe.margin:.0%} margin"
+    elif probe.margin and not probe.hit_limit:
+        margin = "no margin: nothing ran out of memory"
+    else:
+        margin = "no margin"
+    summary = (
+        f"largest that fit: {probe.max_batch}; micro_batch {probe.micro_batch} ({margin}); "
+        f"limited by {probe.limited_by}; {len(probe.trials)} trials in {probe.seconds:.2f} s"
+    )
+    return Group(probe_table(probe), Text(summary), Text(UNITS, style="dim"))
 
 
 def plan_renderable(plan: Plan) -> Text:
@@ -235,7 +238,10 @@ def _why_lines(b: MemoryBreakdown) -> list[str]:
     ranks = "rank" if b.world_size == 1 else "ranks"
     lines = []
     if b.max_batch is not None:
-        margin = f"less a {b.margin:.0%} margin" if b.margin else "no margin taken"
+        if b.max_micro is not None and b.max_micro < b.max_batch:
+            margin = f"less a {b.margin or 0:.0%} margin"
+        else:
+            margin = "no margin taken"
         lines.append(
             f"largest micro-batch that fit: {b.max_batch} (limited by {b.limited_by}); "
             f"{margin} → max_micro {b.max_micro}"
@@ -264,10 +270,12 @@ def breakdown_renderable(b: MemoryBreakdown) -> RenderableType:
     table.add_column("bytes", justify="right")
     table.add_column("of capacity", justify="right")
     table.add_column("what")
-    fixed_what = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in b.fixed_parts)
+    fixed_what = ", ".join(
+        f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in b.fixed_parts if v
+    )
     rows = [
         ("fixed", b.fixed, fixed_what or "params + grads + optimizer state"),
-        ("other", b.other, "batch-independent memory at the peak beyond the fixed tensors"),
+        ("other", b.other, "at the peak, not growing with the batch (workspaces, ...)"),
         ("activations", b.activations, f"per-sample memory × {b.micro_batch}"),
         ("outside torch", b.outside_torch, "CUDA context, other processes"),
         ("headroom", b.headroom, "left free"),
@@ -288,10 +296,11 @@ def breakdown_renderable(b: MemoryBreakdown) -> RenderableType:
 
 
 def fit_renderable(result: FitResult) -> RenderableType:
-    """A summary of a run: plan, probe table, losses first → last, counts, time, memory."""
+    """A summary of a run: plan, probe table, losses first → last, counts, time, memory
+    (the end-of-run snapshot, and the breakdown at the plan's micro_batch)."""
     parts: list[RenderableType] = [plan_renderable(result.plan)]
     if result.probe is not None:
-        parts.append(probe_table(result.probe))
+        parts.append(probe_renderable(result.probe))
     if result.losses:
         first, last = result.losses[0], result.losses[-1]
         parts.append(Text(f"loss: {first:.4g} → {last:.4g} (first → last optimizer step)"))
@@ -306,13 +315,15 @@ def fit_renderable(result: FitResult) -> RenderableType:
             f"{result.device}"
         )
     )
-    if result.footprint:
-        fp = ", ".join(
-            f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in result.footprint.items()
-        )
-        parts.append(Text(f"footprint: {fp} ({UNITS})"))
-    if result.memory is not None:
+    if result.memory is not None:  # the breakdown's "fixed" row lists the footprint
         parts.append(memory_report_renderable(result.memory))
+        explained = breakdown(result.probe, result.plan, result.footprint or None, result.memory)
+        parts.append(breakdown_renderable(explained))
+    elif result.footprint:
+        fp = ", ".join(
+            f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in result.footprint.items() if v
+        )
+        parts.append(Text(f"footprint: {fp}"))
     return Group(*parts)
 
 
@@ -326,7 +337,7 @@ def renderable(obj: object) -> RenderableType:
     if isinstance(obj, MemoryBreakdown):
         return breakdown_renderable(obj)
     if isinstance(obj, ProbeResult):
-        return probe_table(obj)
+        return probe_renderable(obj)
     if isinstance(obj, Plan):
         return plan_renderable(obj)
     if isinstance(obj, FitResult):

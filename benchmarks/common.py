@@ -75,10 +75,31 @@ def env_info(device: torch.device) -> dict[str, Any]:
         },
     }
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["device_name"] = props.name
-        info["total_memory_gib"] = round(props.total_memory / 2**30, 1)
+        name, total = _gpu_props(device)
+        info["device_name"] = name
+        info["total_memory_gib"] = round(total / 2**30, 1)
     return info
+
+
+def _gpu_props(device: torch.device) -> tuple[str, int]:
+    """The card's name and memory, through NVML when possible: an orchestrating process
+    must not create a CUDA context, which would hold device memory its workers need."""
+    if not torch.cuda.is_initialized():
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+                name = pynvml.nvmlDeviceGetName(handle)
+                total = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+            finally:
+                pynvml.nvmlShutdown()
+            return (name.decode() if isinstance(name, bytes) else str(name)), total
+        except Exception:  # no NVML: ask torch (this does initialise CUDA)
+            pass
+    props = torch.cuda.get_device_properties(device)
+    return props.name, int(props.total_memory)
 
 
 def env_line(env: dict[str, Any]) -> str:
@@ -96,7 +117,7 @@ def pick_device(tiny: bool) -> torch.device:
             "no CUDA device: these benchmarks measure GPU memory and time. "
             "Use --tiny for the CPU smoke mode (fault-injected OOM, not a measurement)."
         )
-    return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda")  # no index query: orchestrators must not initialise CUDA
 
 
 def apply_cap(cap: str, device: torch.device) -> None:
@@ -109,6 +130,13 @@ def apply_cap(cap: str, device: torch.device) -> None:
         return
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
+
+
+def configure_threads(tiny: bool) -> None:
+    """In tiny mode one intra-op thread per process: the smoke runs are many small processes
+    on a small CI box, where thread oversubscription costs more than it gains."""
+    if tiny:
+        torch.set_num_threads(1)
 
 
 def sync(device: torch.device) -> None:
@@ -145,12 +173,21 @@ def csv(value: str) -> list[str]:
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, caps: str = "24GiB,uncapped") -> None:
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny models, fault-injected OOM")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where JSON and markdown go")
-    parser.add_argument("--workloads", type=csv, default=list(WORKLOADS), help="comma-separated: gpt2,resnet50")
-    parser.add_argument("--caps", type=csv, default=csv(caps), help="comma-separated: 24GiB,uncapped")
     parser.add_argument(
-        "--deadline", type=float, default=None, help="unix time after which remaining work is skipped"
+        "--tiny", action="store_true", help="CPU smoke mode: tiny models, fault-injected OOM"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where JSON and markdown go")
+    parser.add_argument(
+        "--workloads", type=csv, default=list(WORKLOADS), help="comma-separated: gpt2,resnet50"
+    )
+    parser.add_argument(
+        "--caps", type=csv, default=csv(caps), help="comma-separated: 24GiB,uncapped"
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="unix time after which remaining work is skipped",
     )
 
 

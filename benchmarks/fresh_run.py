@@ -15,13 +15,12 @@ import sys
 import time
 import traceback
 
-import torch
-
 from autoaccum import is_oom
 from benchmarks.common import (
     EXIT_OK,
     EXIT_OOM,
     apply_cap,
+    configure_threads,
     emit,
     peak_bytes,
     pick_device,
@@ -41,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args(argv)
 
+    configure_threads(args.tiny)
     device = pick_device(args.tiny)
     apply_cap(args.cap, device)
     wl = get_workload(args.workload, args.tiny)
-    result: dict[str, object] = {"size": args.size, "steps": args.steps, "steps_done": 0}
+    result: dict[str, object] = {"size": args.size, "steps": args.steps}
+    done = 0
     start = time.perf_counter()
     failed: str | None = None
     try:
@@ -55,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         reset_peak(device)
         for _ in range(args.steps):
             hand_window(model, optimizer, wl.loss_fn, [batch], wl.precision(device), device)
-            result["steps_done"] = int(result["steps_done"]) + 1  # type: ignore[call-overload]
+            done += 1
         sync(device)
     except Exception as exc:
         failed = "oom" if is_oom(exc) else "error"
         result["error"] = traceback.format_exception_only(exc)[-1].strip()[:500]
+    result["steps_done"] = done
     result["seconds"] = time.perf_counter() - start
     result["peak_allocated"] = peak_bytes(device)
     result["ok"] = failed is None

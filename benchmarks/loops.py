@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -58,4 +59,4 @@ class StepClock:
         """Durations of the steps after the first ``warmup`` (at least one, the first step
         has no start mark)."""
         ends = self.times[max(1, warmup) - 1 :]
-        return [b - a for a, b in zip(ends, ends[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(ends)]

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import (
     apply_cap,
+    configure_threads,
     emit,
     peak_bytes,
     peer_module,
@@ -101,7 +102,8 @@ class SyntheticSamples(Dataset[Any]):
 
 def run_lightning(wl: Workload, cap: str, device: torch.device, mode: str) -> dict[str, Any]:
     module = peer_module("lightning")
-    assert module is not None
+    if module is None:
+        raise RuntimeError("lightning is not installed")
     pl = importlib.import_module("lightning.pytorch" if module == "lightning" else module)
     tuner_mod = importlib.import_module(f"{pl.__name__}.tuner")
     for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric"):
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if peer is not None and peer_module(peer) is None:
         emit({**result, "status": "skipped", "reason": f"{peer} not installed"})
         return 0
+    configure_threads(args.tiny)
     device = pick_device(args.tiny)
     apply_cap(args.cap, device)
     wl = get_workload(args.workload, args.tiny)

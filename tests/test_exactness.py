@@ -27,6 +27,7 @@ LR = 0.5
 Batch = tuple[torch.Tensor, ...]
 
 
+@torch.no_grad()
 def rel_diff(a: nn.Module, b: nn.Module) -> float:
     pairs = list(zip(a.parameters(), b.parameters(), strict=True))
     num = sum(float((p - q).norm() ** 2) for p, q in pairs)
@@ -62,14 +63,18 @@ def ce(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def token_ce(model: nn.Module, batch: Batch) -> torch.Tensor:
     logits = model(batch[0])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1), ignore_index=-100
+    )
 
 
 def windows_of(data: TensorDataset, target: int) -> list[Batch]:
     return [tuple(t[i : i + target] for t in data.tensors) for i in range(0, len(data), target)]
 
 
-def reference(model: nn.Module, windows: Sequence[Batch], loss: Callable[[nn.Module, Batch], torch.Tensor]) -> list[float]:
+def reference(
+    model: nn.Module, windows: Sequence[Batch], loss: Callable[[nn.Module, Batch], torch.Tensor]
+) -> list[float]:
     """Full-window SGD: one forward and backward over each whole window."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
@@ -82,7 +87,12 @@ def reference(model: nn.Module, windows: Sequence[Batch], loss: Callable[[nn.Mod
     return losses
 
 
-def naive(model: nn.Module, windows: Sequence[Batch], loss: Callable[[nn.Module, Batch], torch.Tensor], max_micro: int) -> None:
+def naive(
+    model: nn.Module,
+    windows: Sequence[Batch],
+    loss: Callable[[nn.Module, Batch], torch.Tensor],
+    max_micro: int,
+) -> None:
     """What Lightning and Accelerate do: each micro loss divided by the full accumulation count."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     target = len(windows[0][0])
@@ -108,7 +118,9 @@ def fit_sgd(model: nn.Module, data: Any, target: int, **kwargs: Any) -> autoaccu
     )
 
 
-@pytest.mark.parametrize(("n", "target", "max_micro"), [(27, 10, 4), (64, 16, 5), (30, 10, 10), (25, 8, 3), (9, 16, 4)])
+@pytest.mark.parametrize(
+    ("n", "target", "max_micro"), [(27, 10, 4), (64, 16, 5), (30, 10, 10), (25, 8, 3), (9, 16, 4)]
+)
 def test_sample_weighted_uneven_and_partial_window(n: int, target: int, max_micro: int) -> None:
     data = samples(n)
     model = mlp()
@@ -171,8 +183,17 @@ def test_several_epochs_and_max_steps() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (sched_steps.append(step), 1.0)[1])
     result = autoaccum.fit(
-        model, DataLoader(data, batch_size=4), 10, loss_fn=ce, optimizer=opt, scheduler=sched,
-        epochs=3, max_micro=3, device="cpu", progress=False, report=False,
+        model,
+        DataLoader(data, batch_size=4),
+        10,
+        loss_fn=ce,
+        optimizer=opt,
+        scheduler=sched,
+        epochs=3,
+        max_micro=3,
+        device="cpu",
+        progress=False,
+        report=False,
     )
     assert result.optimizer_steps == 9 == len(result.losses)  # ceil(25 / 10) per epoch
     assert sched_steps == list(range(10))  # once at construction, then once per optimizer step
@@ -181,5 +202,7 @@ def test_several_epochs_and_max_steps() -> None:
     ref = mlp()
     reference(ref, windows_of(data, 10) * 3, ce)
     assert rel_diff(model, ref) < TOL
-    capped = fit_sgd(mlp(), DataLoader(data, batch_size=4), 10, loss_fn=ce, epochs=3, max_steps=4, max_micro=3)
+    capped = fit_sgd(
+        mlp(), DataLoader(data, batch_size=4), 10, loss_fn=ce, epochs=3, max_steps=4, max_micro=3
+    )
     assert capped.optimizer_steps == 4

@@ -82,7 +82,9 @@ def _raise_from(outer: Exception, inner: BaseException, *, explicit: bool) -> Ex
 
 @pytest.mark.parametrize("explicit", [True, False])
 def test_follows_cause_and_context(explicit: bool) -> None:
-    wrapped = _raise_from(ValueError("trial failed"), OOM_TYPE("CUDA out of memory"), explicit=explicit)
+    wrapped = _raise_from(
+        ValueError("trial failed"), OOM_TYPE("CUDA out of memory"), explicit=explicit
+    )
     assert is_oom(wrapped)
 
 

@@ -38,7 +38,9 @@ def test_exact_plans(target: int, max_micro: int, world: int, sizes: tuple[int, 
 
 
 @given(
-    target=st.integers(1, 5000), max_micro=st.integers(1, 600), world=st.sampled_from([1, 2, 3, 4, 8])
+    target=st.integers(1, 5000),
+    max_micro=st.integers(1, 600),
+    world=st.sampled_from([1, 2, 3, 4, 8]),
 )
 def test_plan_is_always_exact(target: int, max_micro: int, world: int) -> None:
     if target % world:
@@ -81,7 +83,5 @@ def test_short_last_window() -> None:
 
 
 def test_describe() -> None:
-    assert make_plan(256, 100).describe() == (
-        "target_batch 256 = 86+85+85 (accum_iter 3) × 1 rank"
-    )
+    assert make_plan(256, 100).describe() == ("target_batch 256 = 86+85+85 (accum_iter 3) × 1 rank")
     assert "64 × 1" in make_plan(256, 100, 4).describe()

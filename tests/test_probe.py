@@ -48,7 +48,10 @@ def test_state_is_bit_identical_after_a_probe_with_ooms() -> None:
     model[2].train()  # a mixed mode must come back as it was
     before_model = {k: v.clone() for k, v in model.state_dict().items()}
     before_opt = opt.state_dict()
-    before_opt_state = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in s.items()} for k, s in before_opt["state"].items()}
+    before_opt_state = {
+        k: {n: t.clone() if torch.is_tensor(t) else t for n, t in s.items()}
+        for k, s in before_opt["state"].items()
+    }
     rng, py_rng = torch.get_rng_state(), random.getstate()
 
     result = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=256)
@@ -62,7 +65,10 @@ def test_state_is_bit_identical_after_a_probe_with_ooms() -> None:
     state = opt.state_dict()["state"]
     for idx, saved in before_opt_state.items():
         for name, value in saved.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state[idx][name])), (idx, name)
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state[idx][name])), (
+                idx,
+                name,
+            )
     assert opt.state_dict()["param_groups"] == before_opt["param_groups"]
     assert torch.equal(torch.get_rng_state(), rng)
     assert random.getstate() == py_rng
@@ -106,7 +112,14 @@ def test_margin_applies_only_when_memory_bound() -> None:
 
 @pytest.mark.parametrize(
     ("max_batch", "margin", "expected"),
-    [(16, 0.02, 15), (1863, 0.02, 1825), (52, 0.02, 50), (1, 0.02, 1), (100, 0.0, 100), (2, 0.3, 1)],
+    [
+        (16, 0.02, 15),
+        (1863, 0.02, 1825),
+        (52, 0.02, 50),
+        (1, 0.02, 1),
+        (100, 0.0, 100),
+        (2, 0.3, 1),
+    ],
 )
 def test_apply_margin(max_batch: int, margin: float, expected: int) -> None:
     assert apply_margin(max_batch, margin=margin, hit_limit=True) == expected
@@ -150,18 +163,33 @@ def test_bad_inputs_get_clear_errors() -> None:
     model, opt = trained(limit=100)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         frozen = Frozen()
-        autoaccum.probe(frozen, data(), loss_fn=ce, optimizer=torch.optim.SGD(frozen.parameters(), lr=0.1), upper=8)
+        autoaccum.probe(
+            frozen,
+            data(),
+            loss_fn=ce,
+            optimizer=torch.optim.SGD(frozen.parameters(), lr=0.1),
+            upper=8,
+        )
     other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="holds none of the model's trainable parameters"):
         autoaccum.probe(model, data(), loss_fn=ce, optimizer=other, upper=8)
     with pytest.raises(BatchError, match="empty"):
-        autoaccum.probe(model, (torch.empty(0, 6), torch.empty(0, dtype=torch.long)), loss_fn=ce, optimizer=opt, upper=8)
+        autoaccum.probe(
+            model,
+            (torch.empty(0, 6), torch.empty(0, dtype=torch.long)),
+            loss_fn=ce,
+            optimizer=opt,
+            upper=8,
+        )
     with pytest.raises(ConfigError, match=r"upper \(2\) is smaller than lower \(4\)"):
         autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=2, lower=4)
     with pytest.raises(ConfigError, match="scalar"):
         autoaccum.probe(
-            model, data(), loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
-            optimizer=opt, upper=8,
+            model,
+            data(),
+            loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+            optimizer=opt,
+            upper=8,
         )
 
 

@@ -1,0 +1,1 @@
+"""Worker processes and shared data for the 2-process gloo tests in tests/test_distributed.py."""

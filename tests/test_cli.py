@@ -1,0 +1,160 @@
+"""The command line: subcommands, JSON, exit codes (0 ok, 1 AutoAccumError, 2 usage)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from autoaccum import __version__
+from autoaccum.cli import main
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+
+
+@pytest.fixture(autouse=True)
+def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "autoaccum", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_report_json(capsys: pytest.CaptureFixture[str]):
+    assert main(["report", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["device"] == "cpu"
+    assert data["gpu"] is None
+    assert "not a CUDA device" in data["gpu_why"]
+    assert data["host"]["total"] > 0
+
+
+def test_report_text(capsys: pytest.CaptureFixture[str]):
+    assert main(["report", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "Memory on cpu" in out
+    assert "RAM total" in out
+    assert "GiB" in out
+
+
+def test_version_and_usage_errors(capsys: pytest.CaptureFixture[str]):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"autoaccum {__version__}"
+    assert main([]) == 2
+    assert main(["report", "--bogus"]) == 2
+    assert main(["probe", "cli_factory:make"]) == 2  # --target-batch is required
+    assert main(["report", "--device", "nonsense"]) == 2
+    assert "bad --device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_colon", "expected MODULE:FACTORY"),
+        ("no_such_module_xyz:make", "no module named 'no_such_module_xyz'"),
+        ("cli_factory:missing", "has no attribute 'missing'"),
+        ("cli_factory:NOT_CALLABLE", "not a callable factory"),
+        ("cli_factory:bad_return", "returned int"),
+        ("cli_factory:no_model", "without model"),
+        ("./nowhere.py:make", "no such file"),
+    ],
+)
+def test_bad_factory_is_a_usage_error(spec: str, message: str, capsys: pytest.CaptureFixture[str]):
+    assert main(["probe", spec, "--target-batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_probe_prints_trials_plan_and_breakdown(capsys: pytest.CaptureFixture[str]):
+    assert main(["probe", "cli_factory:make", "--target-batch", "16", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "Probe on cpu" in out
+    assert out.count("✓") == 5  # sizes 1, 2, 4, 8, 16
+    assert "largest that fit: 16" in out
+    assert "Plan: target_batch 16 = 16 × 1 (accum_iter 1) × 1 rank" in out
+    assert "Memory at micro_batch 16" in out
+    assert "not measurable on CPU" in out
+    assert "GiB = 2^30 bytes" in out
+
+
+def test_probe_json_with_a_tuple_factory_from_a_file(capsys: pytest.CaptureFixture[str]):
+    spec = f"{TESTS / 'cli_factory.py'}:make_tuple"
+    assert main(["probe", spec, "--target-batch", "12", "--margin", "0.1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"probe", "plan", "breakdown", "memory"}
+    assert data["probe"]["max_batch"] == 12
+    assert [t["size"] for t in data["probe"]["trials"]] == [1, 2, 4, 8, 12]
+    assert data["plan"]["micro_sizes"] == [12]
+    assert data["breakdown"]["fixed_parts"]["parameters"] == (8 * 32 + 32 + 32 * 3 + 3) * 4
+
+
+def test_autoaccum_error_exits_1_without_traceback(capsys: pytest.CaptureFixture[str]):
+    assert main(["probe", "cli_factory:make", "--target-batch", "8", "--margin", "0.7"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: margin must be in [0, 0.5)")
+    assert "Traceback" not in err
+    assert main(["probe", "cli_factory:make", "--target-batch", "0"]) == 1
+
+
+def _fake_demo(calls: list[argparse.Namespace]) -> ModuleType:
+    demo = ModuleType("autoaccum.demo")
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--steps", type=int, default=3)
+
+    def run(args: argparse.Namespace) -> int:
+        calls.append(args)
+        return 0
+
+    demo.add_arguments = add_arguments  # type: ignore[attr-defined]
+    demo.main = run  # type: ignore[attr-defined]
+    return demo
+
+
+def test_demo_registers_its_options_and_runs(monkeypatch: pytest.MonkeyPatch):
+    calls: list[argparse.Namespace] = []
+    monkeypatch.setitem(sys.modules, "autoaccum.demo", _fake_demo(calls))
+    assert main(["demo", "--steps", "7"]) == 0
+    assert [c.steps for c in calls] == [7]
+
+
+def test_demo_missing_is_reported(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setitem(sys.modules, "autoaccum.demo", None)  # import raises ImportError
+    assert main(["demo", "--anything"]) == 2
+    assert "the demo is not available" in capsys.readouterr().err
+
+
+def test_python_dash_m_report_json():
+    done = _run("report", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["gpu"] is None
+    assert data["host"]["process_rss"] > 0
+
+
+def test_python_dash_m_bad_factory_exits_2():
+    done = _run("probe", "cli_factory:missing", "--target-batch", "4")
+    assert done.returncode == 2
+    assert "has no attribute 'missing'" in done.stderr
+    assert "Traceback" not in done.stderr

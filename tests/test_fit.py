@@ -1,0 +1,208 @@
+"""fit(): bad input gets a clear typed error, the defaults, the warnings, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from helpers import bn_net, mlp
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import autoaccum
+from autoaccum import AutoAccumError, BatchError, ConfigError, NonFiniteLossError, PlanError
+
+
+def data(n: int = 20) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    return TensorDataset(
+        torch.randn(n, 5, generator=gen, dtype=torch.float64),
+        torch.randint(0, 3, (n,), generator=gen),
+    )
+
+
+def run(model: nn.Module, loader: Any, target: Any = 8, **kwargs: Any) -> autoaccum.FitResult:
+    kwargs.setdefault("device", "cpu")
+    return autoaccum.fit(model, loader, target, progress=False, report=False, **kwargs)
+
+
+def params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def unchanged(model: nn.Module, before: list[torch.Tensor]) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("target", [0, -8, 2.5, "256", True, None])
+def test_bad_target_batch(target: Any) -> None:
+    model = mlp()
+    before = params(model)
+    with pytest.raises(ConfigError, match="target_batch"):
+        run(model, DataLoader(data()), target)
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"max_micro": 0}, "max_micro"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm"),
+        ({"max_grad_norm": float("nan")}, "max_grad_norm"),
+        ({"loss_fn": "mse"}, "loss_fn must be callable"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"precision": "fp16"}, "needs a CUDA device"),
+        ({"margin": 0.9}, "margin"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    model = mlp()
+    before = params(model)
+    with pytest.raises(ConfigError, match=match):
+        run(model, DataLoader(data()), **kwargs)
+    assert unchanged(model, before)
+
+
+def test_not_a_module() -> None:
+    with pytest.raises(ConfigError, match="torch.nn.Module"):
+        autoaccum.fit(lambda x: x, [torch.ones(2)], 2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "loader", [DataLoader(TensorDataset(torch.empty(0, 5), torch.empty(0))), [], iter([])]
+)
+def test_empty_loader(loader: Any) -> None:
+    with pytest.raises(BatchError, match="no samples"):
+        run(mlp(), loader, max_micro=4)
+
+
+def test_ragged_batches_cannot_be_joined() -> None:
+    batches = [
+        (torch.randn(3, 5, dtype=torch.float64), torch.zeros(3, 4)),
+        (torch.randn(3, 5, dtype=torch.float64), torch.zeros(3, 6)),
+    ]
+    with pytest.raises(BatchError, match="different shapes"):
+        run(mlp(), batches, 4, max_micro=4, loss_fn=lambda m, b: m(b[0]).sum())
+
+
+def test_one_shot_iterator_for_several_epochs() -> None:
+    x, y = data().tensors
+    with pytest.raises(ConfigError, match="one-shot iterator"):
+        run(mlp(), iter([(x, y)]), 8, epochs=2, max_micro=4)
+
+
+def test_non_finite_loss_through_fit() -> None:
+    x, y = data().tensors
+    x = x.clone()
+    x[13] = float("inf")
+    model = mlp()
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 2 \(epoch 0, window 1\)"):
+        run(
+            model,
+            DataLoader(TensorDataset(x, y), batch_size=4),
+            8,
+            max_micro=3,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        )
+
+
+def test_not_divisible_is_a_plan_error_before_any_work() -> None:
+    with pytest.raises(PlanError):
+        autoaccum.make_plan(10, 3, world_size=4)
+    assert issubclass(PlanError, AutoAccumError)
+
+
+def test_default_loss_for_pairs_and_default_optimizer() -> None:
+    result = run(mlp(), DataLoader(data(), batch_size=5), 8, max_micro=3)
+    assert result.optimizer_steps == 3
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+class HFStyle(nn.Module):
+    """Takes keyword arguments and returns an output with ``.loss``, like Transformers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3).double()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
+        logits = self.lin(input_ids)
+        loss = F.cross_entropy(logits, labels) if labels is not None else torch.zeros(())
+        return Output(loss=loss, logits=logits)
+
+
+def test_default_loss_for_hugging_face_style_outputs() -> None:
+    x, y = data().tensors
+    batches = [{"input_ids": x[i : i + 4], "labels": y[i : i + 4]} for i in range(0, 20, 4)]
+    model = HFStyle()
+    ref = HFStyle()
+    ref.load_state_dict(model.state_dict())
+    result = run(
+        model, batches, 10, max_micro=3, optimizer=torch.optim.SGD(model.parameters(), lr=0.5)
+    )
+    assert result.plan.micro_sizes == (3, 3, 2, 2)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for i in (0, 10):
+        ref(x[i : i + 10], y[i : i + 10]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_default_loss_asks_for_loss_fn_otherwise() -> None:
+    triples = [(torch.randn(4, 5, dtype=torch.float64), torch.zeros(4), torch.zeros(4))]
+    with pytest.raises(ConfigError, match="Pass loss_fn="):
+        run(mlp(), triples, 4, max_micro=4)
+
+
+def test_batchnorm_with_accumulation_warns() -> None:
+    model = bn_net(dtype=torch.float64)
+    loader = DataLoader(
+        TensorDataset(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))),
+        batch_size=4,
+    )
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        run(model, loader, 8, max_micro=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(model, loader, 8, max_micro=8)
+
+
+def test_result_is_plain_data() -> None:
+    import json
+
+    result = run(mlp(), DataLoader(data(), batch_size=5), 8, max_micro=3)
+    encoded = json.loads(json.dumps(result.to_dict()))
+    assert encoded["plan"]["micro_sizes"] == [3, 3, 2]
+    assert encoded["optimizer_steps"] == 3
+    assert encoded["probe"] is None
+
+
+def test_demo_learns_and_accumulates(capsys: pytest.CaptureFixture[str]) -> None:
+    from autoaccum import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--samples", "2000", "--epochs", "8", "--json"])
+    assert demo.main(args) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["accum_iter"] > 1
+    assert out["probe"]["limited_by"] == "memory"
+    assert out["losses"][-1] < 0.85 * out["losses"][0]  # visibly learning
+    assert sum(out["plan"]["micro_sizes"]) == 256

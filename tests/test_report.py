@@ -1,0 +1,253 @@
+"""Rendering: tables and bars as plain text, units labelled; rich stays inside report.py."""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+import autoaccum
+from autoaccum.memory import (
+    AllocatorMemory,
+    CgroupMemory,
+    GpuMemory,
+    HostMemory,
+    MemoryReport,
+    breakdown,
+    fit_activation,
+    memory_report,
+)
+from autoaccum.plan import make_plan
+from autoaccum.report import (
+    _bar_widths,
+    format_bytes,
+    memory_bar,
+    print_fit_report,
+    print_report,
+    render_text,
+    renderable,
+)
+from autoaccum.result import FitResult
+from autoaccum.search import ProbeResult, TrialRecord
+
+GiB = 2**30
+MiB = 2**20
+
+
+def _console() -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, width=100, color_system=None), buffer
+
+
+def _probe() -> ProbeResult:
+    def rec(size: int, fits: bool) -> TrialRecord:
+        peak = 2 * GiB + size * 64 * MiB if fits else None
+        return TrialRecord(
+            size,
+            fits,
+            0.25,
+            peak,
+            peak + 100 * MiB if peak else None,
+            None,
+            None if fits else "oom",
+        )
+
+    trials = tuple(rec(s, f) for s, f in [(1, True), (2, True), (4, True), (8, False), (6, True)])
+    trials += (rec(7, False),)
+    return ProbeResult(6, 5, trials, 1, 64, margin=0.02, device="cuda:0")
+
+
+def _report() -> MemoryReport:
+    gpu = GpuMemory("NVIDIA H100 80GB HBM3", 0, "x", 80 * GiB, 70 * GiB, 10 * GiB, "555.42", "nvml")
+    alloc = AllocatorMemory(3 * GiB, 4 * GiB, 9 * GiB, 10 * GiB, 1, 0)
+    cg = CgroupMemory(2, "/sys/fs/cgroup", 16 * GiB, 2 * GiB)
+    host = HostMemory(128 * GiB, 100 * GiB, 3 * GiB, cg)
+    return MemoryReport("cuda:0", gpu, None, alloc, None, host, None, ("a caveat",))
+
+
+def test_format_bytes_is_labelled_in_binary_units():
+    assert format_bytes(3 * GiB // 2) == "1.50 GiB"
+    assert format_bytes(12 * MiB) == "12.0 MiB"
+    assert format_bytes(2048) == "2.0 KiB"
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(-2 * GiB) == "-2.00 GiB"
+    assert format_bytes(None) == "—"
+
+
+def test_memory_report_table():
+    text = render_text(_report())
+    for expected in (
+        "Memory on cuda:0",
+        "NVIDIA H100 80GB HBM3",
+        "80.00 GiB",
+        "555.42",
+        "fragmentation",
+        "1.00 GiB",  # reserved − allocated
+        "cgroup v2 limit",
+        "16.00 GiB",
+        "available to this process",
+        "14.00 GiB",  # the cgroup's room, smaller than the host's 100 GiB
+        "GiB = 2^30 bytes",
+        "note: a caveat",
+    ):
+        assert expected in text, expected
+
+
+def test_memory_report_without_gpu_says_why(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = render_text(memory_report("cuda"))
+    assert "not available" in text
+    assert "no CUDA device" in text
+    assert "RAM total" in text
+    assert "GiB" in text
+
+
+def test_probe_table_lists_trials_in_order():
+    text = render_text(_probe())
+    rows = [line.split() for line in text.splitlines() if re.match(r"\s+\d+\s+\d+\s", line)]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("1", "1", "✓"),
+        ("2", "2", "✓"),
+        ("3", "4", "✓"),
+        ("4", "8", "✗"),
+        ("5", "6", "✓"),
+        ("6", "7", "✗"),
+    ]
+    assert "✗ oom" in text
+    assert "2.06 GiB" in text  # 2 GiB + 64 MiB at size 1
+    assert "0.250" in text
+    assert "largest that fit: 6" in text
+    assert "micro_batch 5 (less a 2% margin)" in text
+    assert "limited by memory" in text
+    assert "GiB = 2^30 bytes" in text
+
+
+def test_plan_line():
+    assert render_text(make_plan(256, 100)).strip() == (
+        "Plan: target_batch 256 = 86+85+85 (accum_iter 3) × 1 rank"
+    )
+    assert "64 × 4 (accum_iter 4) × 2 ranks" in render_text(make_plan(512, 64, 2))
+
+
+def test_breakdown_renders_table_bar_and_reasons():
+    probe = _probe()
+    plan = make_plan(64, probe.micro_batch)
+    b = breakdown(probe, plan, {"parameters": GiB, "gradients": GiB // 2}, _report())
+    text = render_text(b)
+    assert "Memory at micro_batch 5" in text
+    for part in ("fixed", "other", "activations", "outside torch", "headroom", "capacity"):
+        assert part in text
+    bar = next(line for line in text.splitlines() if line.startswith("["))
+    body = bar[1 : bar.index("]")]
+    assert len(body) == 60
+    assert {"█", "▓", "▒", "░", "·"} <= set(body)
+    assert bar.endswith("80.00 GiB")
+    assert "Why this plan" in text
+    assert "largest micro-batch that fit: 6 (limited by memory); less a 2% margin" in text
+    assert "max_micro 5" in text
+    assert "target_batch 64 = 5+5+5+5+" in text
+    assert "accum_iter 13" in text
+    assert "activation fit: peak = 2.00 GiB + 64.0 MiB/sample" in text
+    assert "GiB = 2^30 bytes" in text
+
+
+def test_breakdown_bar_proportions():
+    b = breakdown(None, make_plan(8, 8), {"parameters": 3 * GiB}, _report())
+    bar = memory_bar(b, width=80).plain.splitlines()[0]
+    body = bar[1 : bar.index("]")]
+    # 3 GiB fixed, 6 GiB outside torch (10 used − 4 reserved), 71 GiB headroom, of 80
+    assert (body.count("█"), body.count("░"), body.count("·")) == (3, 6, 71)
+
+
+def test_bar_widths_sum_and_slivers():
+    assert sum(_bar_widths([1, 2, 3, 1000], 50)) == 50
+    assert all(w >= 1 for w in _bar_widths([1, 2, 3, 1000], 50))
+    assert _bar_widths([0, 0], 10) == [0, 0]
+
+
+def test_cpu_breakdown_says_activations_not_measurable():
+    probe = ProbeResult(16, 16, (TrialRecord(8, True, 0.1), TrialRecord(16, True, 0.1)), 1, 16)
+    assert fit_activation(probe) is None
+    text = render_text(breakdown(probe, make_plan(16, 16), {"parameters": MiB}, None))
+    assert "not measurable on CPU" in text
+    assert "capacity unknown" in text
+
+
+def test_fit_report():
+    result = FitResult(
+        plan=make_plan(256, 100),
+        probe=_probe(),
+        optimizer_steps=40,
+        samples_seen=10240,
+        losses=(2.3026, 1.5, 0.4321),
+        epochs=2,
+        seconds=12.5,
+        precision="bf16",
+        device="cuda:0",
+        memory=_report(),
+        footprint={"parameters": 4 * MiB},
+    )
+    console, buffer = _console()
+    print_fit_report(result, console=console)
+    text = buffer.getvalue()
+    assert "Plan: target_batch 256 = 86+85+85 (accum_iter 3) × 1 rank" in text
+    assert "✗ oom" in text
+    assert "loss: 2.303 → 0.4321" in text
+    assert "40 optimizer steps, 10240 samples, 2 epochs, 12.50 s" in text
+    assert "bf16 on cuda:0" in text
+    assert "parameters 4.0 MiB" in text  # in the breakdown's fixed row
+    assert "Memory on cuda:0" in text
+    assert "Memory at micro_batch 86" in text
+    assert "Why this plan" in text
+    assert "largest micro-batch that fit: 6" in text
+
+
+def test_rich_protocol_and_print_report():
+    console, buffer = _console()
+    console.print(_report())  # MemoryReport.__rich__ delegates to report.py
+    print_report(make_plan(10, 4), console)
+    text = buffer.getvalue()
+    assert "Memory on cuda:0" in text
+    assert "Plan: target_batch 10 = 4+3+3" in text
+    with pytest.raises(TypeError, match="cannot render"):
+        renderable(object())
+
+
+def test_rich_stays_out_of_memory_and_cli():
+    package = Path(autoaccum.__file__).parent
+    for name in ("memory.py", "cli.py", "__main__.py"):
+        source = (package / name).read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "rich" for a in node.names), name
+            elif isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] != "rich", name
+    calls = ast.walk(ast.parse((package / "memory.py").read_text()))
+    assert not any(
+        isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "print"
+        for c in calls
+    )
+
+
+def test_fit_report_without_memory_or_steps():
+    result = FitResult(
+        plan=make_plan(8, 8),
+        probe=None,
+        optimizer_steps=0,
+        samples_seen=0,
+        losses=(),
+        epochs=0,
+        seconds=0.0,
+        precision="fp32",
+        device="cpu",
+        footprint={"parameters": 2048, "buffers": 0},
+    )
+    text = render_text(result)
+    assert "loss: no optimizer step was taken" in text
+    assert "footprint: parameters 2.0 KiB" in text
+    assert "buffers" not in text
