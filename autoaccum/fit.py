@@ -231,7 +231,9 @@ def _train(
     losses: list[float] = []
     samples_seen = skipped = epochs_started = 0
     agree_windows = info.active and info.world_size > 1 and not stream.is_loader
-    with TrainProgress(enabled=progress and info.is_main, total=total, plan_text=plan.describe()) as bar:
+    with TrainProgress(
+        enabled=progress and info.is_main, total=total, plan_text=plan.describe()
+    ) as bar:
         for epoch in range(epochs):
             if max_steps is not None and len(losses) >= max_steps:
                 break

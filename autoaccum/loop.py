@@ -39,7 +39,7 @@ class WindowOutcome:
 
 
 def _count(count_fn: CountFn, batch: Any) -> float:
-    value = count_fn(batch)
+    value: object = count_fn(batch)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ConfigError(
@@ -101,7 +101,7 @@ class Stepper:
                 with autocast(self.precision, self.device):
                     loss = check_loss(self.loss_fn(self.model, batch), where)
                 weighted = loss * (count * world / items)
-                self.scaler.scale(weighted).backward()
+                self.scaler.scale(weighted).backward()  # type: ignore[no-untyped-call]
             detached = loss.detach().to(torch.float64)
             micro_losses.append(detached)
             loss_sum += detached * count

@@ -68,7 +68,9 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         out = model(**batch)
         loss = _loss_attr(out)
         if loss is None:
-            raise ConfigError(_NO_DEFAULT.format(what="the model's output for a dict batch has no loss"))
+            raise ConfigError(
+                _NO_DEFAULT.format(what="the model's output for a dict batch has no loss")
+            )
         return loss
     targets = _class_targets(batch)
     if targets is None:
@@ -101,7 +103,9 @@ def default_count(batch: Any) -> int | torch.Tensor:
     return batch_size(batch)
 
 
-def count_tokens(key: str = "labels", *, shift: bool = True, ignore_index: int = IGNORE_INDEX) -> CountFn:
+def count_tokens(
+    key: str = "labels", *, shift: bool = True, ignore_index: int = IGNORE_INDEX
+) -> CountFn:
     """A ``count_fn`` for token-level losses: the number of target tokens in ``batch[key]``.
 
     ``shift=True`` matches causal language models (Hugging Face shifts labels by one, so
@@ -112,6 +116,7 @@ def count_tokens(key: str = "labels", *, shift: bool = True, ignore_index: int =
         labels = batch[key]
         if shift:
             labels = labels[..., 1:]
-        return (labels != ignore_index).sum()
+        count: torch.Tensor = (labels != ignore_index).sum()
+        return count
 
     return count

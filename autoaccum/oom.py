@@ -13,7 +13,14 @@ from typing import Literal
 
 import torch
 
-__all__ = ["OOM_MESSAGES", "SIZE_LIMIT_MESSAGES", "free_memory", "is_oom", "oom_kind"]
+__all__ = [
+    "OOM_MESSAGES",
+    "SIZE_LIMIT_MESSAGES",
+    "cuda_initialized",
+    "free_memory",
+    "is_oom",
+    "oom_kind",
+]
 
 _OOM_TYPE: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -86,6 +93,11 @@ def is_oom(exc: BaseException) -> bool:
     return oom_kind(exc) is not None
 
 
+def cuda_initialized() -> bool:
+    """True once this process has created a CUDA context (never creates one)."""
+    return bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
+
+
 def free_memory(device: torch.device | None = None) -> None:
     """Return cached, unreferenced memory to the device after a failed or finished trial.
 
@@ -94,7 +106,7 @@ def free_memory(device: torch.device | None = None) -> None:
     """
     gc.collect()
     kind = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cuda" and torch.cuda.is_initialized():
+    if kind == "cuda" and cuda_initialized():
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
     elif kind == "mps" and hasattr(torch, "mps"):

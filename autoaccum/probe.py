@@ -11,6 +11,7 @@ and cached device memory is returned.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from autoaccum.distributed import gradient_sync
 from autoaccum.errors import BatchError, ConfigError
 from autoaccum.losses import LossFn
+from autoaccum.memory import footprint
 from autoaccum.oom import free_memory
 from autoaccum.plan import check_count
 from autoaccum.precision import autocast, resolve_precision
@@ -48,7 +50,9 @@ def apply_margin(max_batch: int, *, margin: float, hit_limit: bool, lower: int =
     taken when every size up to ``upper`` fitted: the size was not memory-bound.
     """
     if not 0.0 <= margin < 0.5:
-        raise ConfigError(f"margin must be in [0, 0.5), got {margin}; the default is {DEFAULT_MARGIN}")
+        raise ConfigError(
+            f"margin must be in [0, 0.5), got {margin}; the default is {DEFAULT_MARGIN}"
+        )
     if not hit_limit or margin == 0.0:
         return max_batch
     return max(lower, max_batch - max(1, math.ceil(margin * max_batch)))
@@ -149,7 +153,7 @@ def probe(
             with gradient_sync(model, enabled=False):
                 with autocast(prec, dev):
                     loss = check_loss(loss_fn(model, micro), f"probe trial at micro-batch {size}")
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
             del loss
         optimizer.step()
 
@@ -162,9 +166,11 @@ def probe(
         found = search_max_batch(
             trial, upper, lower=lower, device=dev, agree=agree, cleanup=cleanup
         )
+        # measured while the trials' optimizer state still exists: what training will hold
+        fixed = footprint(model, optimizer)
     finally:
         restore(model, optimizer, saved)
         del saved
         free_memory(dev)
     chosen = apply_margin(found.max_batch, margin=margin, hit_limit=found.hit_limit, lower=lower)
-    return found.with_margin(chosen, margin)
+    return replace(found, micro_batch=chosen, margin=margin, fixed_bytes=fixed)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 import time
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 __all__ = ["TrainProgress"]
 
@@ -22,16 +23,29 @@ class TrainProgress:
         self._samples = 0
         self._progress: Progress | None = None
         if self._enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} samples/s  loss {task.fields[loss]}  {task.fields[plan]}"),
+                TextColumn(
+                    "{task.fields[rate]} samples/s  loss {task.fields[loss]}  {task.fields[plan]}"
+                ),
                 TimeElapsedColumn(),
                 console=Console(),
                 transient=False,
             )
-            self._task = self._progress.add_task("train", total=total, rate="-", loss="-", plan=plan_text)
+            self._task = self._progress.add_task(
+                "train", total=total, rate="-", loss="-", plan=plan_text
+            )
 
     def __enter__(self) -> TrainProgress:
         if self._progress is not None:

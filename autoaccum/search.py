@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -92,9 +92,6 @@ class ProbeResult:
             "trials": [t.to_dict() for t in self.trials],
         }
 
-    def with_margin(self, micro_batch: int, margin: float) -> ProbeResult:
-        return replace(self, micro_batch=micro_batch, margin=margin)
-
 
 def max_trials(upper: int, lower: int = 1) -> int:
     """The most trials :func:`search_max_batch` runs: 2⌈log2(upper)⌉ + 1."""
@@ -179,9 +176,7 @@ def search_max_batch(
             any_failed = agree(not fits)
             if any_failed and fits:
                 fits, failure = False, "oom (another rank)"
-        records.append(
-            TrialRecord(size, fits, seconds, peak_alloc, peak_res, retries, failure)
-        )
+        records.append(TrialRecord(size, fits, seconds, peak_alloc, peak_res, retries, failure))
         return fits
 
     size = lower

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoaccum.oom import cuda_initialized
+
 __all__ = ["TrainingState", "preserved_rng", "restore", "snapshot"]
 
 
@@ -58,7 +60,7 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainingState:
     """Copy the model's tensors, training flags, optimizer state and RNG states to the host."""
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    cuda_rng = torch.cuda.get_rng_state_all() if cuda_initialized() else None
     return TrainingState(
         tensors={k: _to_host(v) for k, v in _named_tensors(model).items()},
         modes={name: m.training for name, m in model.named_modules()},
@@ -70,7 +72,9 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Train
 
 
 @torch.no_grad()
-def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainingState) -> None:
+def restore(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainingState
+) -> None:
     """Put back exactly what :func:`snapshot` saw, bit for bit; gradients are cleared."""
     for name, tensor in _named_tensors(model).items():
         _local(tensor).copy_(state.tensors[name])
@@ -90,7 +94,7 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: Tr
 def preserved_rng() -> Iterator[None]:
     """Run a block without disturbing torch's (CPU and CUDA) and Python's RNG streams."""
     cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    cuda = torch.cuda.get_rng_state_all() if cuda_initialized() else None
     py = random.getstate()
     try:
         yield

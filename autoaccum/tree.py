@@ -42,7 +42,8 @@ def _rebuild(template: Any, items: Sequence[Any]) -> Any:
 
 def _rebuild_mapping(template: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
     try:
-        return type(template)(items)
+        factory: Any = type(template)
+        return factory(items)
     except Exception:  # a Mapping type whose constructor takes something else
         return items
 
@@ -137,7 +138,9 @@ def _join(leaves: list[Any]) -> Any:
     first = leaves[0]
     if isinstance(first, torch.Tensor):
         if not all(isinstance(x, torch.Tensor) for x in leaves):
-            raise BatchError("cannot join batches: a tensor in one batch is not a tensor in another")
+            raise BatchError(
+                "cannot join batches: a tensor in one batch is not a tensor in another"
+            )
         shapes = {tuple(x.shape[1:]) for x in leaves}
         if len(shapes) != 1:
             raise BatchError(

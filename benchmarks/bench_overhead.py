@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+import autoaccum
 from benchmarks.common import (
     add_common_args,
     apply_cap,
@@ -59,8 +60,6 @@ def run_once(
     steps: int,
     warmup: int,
 ) -> dict[str, Any]:
-    from autoaccum.fit import fit
-
     model = build(wl, cap, device)
     optimizer = wl.make_optimizer(model)
     target = micro * accum_iter
@@ -78,7 +77,7 @@ def run_once(
                 ]
                 hand_window(model, optimizer, wl.loss_fn, micro_batches, precision, device)
         else:
-            fit(
+            autoaccum.fit(
                 model,
                 [windows[step % 2] for step in range(steps)],
                 target_batch=target,

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+import autoaccum
 from autoaccum import is_oom, make_plan
 from benchmarks.common import (
     add_common_args,
@@ -85,13 +86,11 @@ def samples_per_second(
 
 
 def measure(args: argparse.Namespace, name: str, cap: str, device: torch.device) -> dict[str, Any]:
-    from autoaccum.probe import probe
-
     wl = get_workload(name, args.tiny)
     target = args.target_batch or wl.target_batch
     model = build(wl, cap, device)
     optimizer = wl.make_optimizer(model)
-    found = probe(
+    found = autoaccum.probe(
         model,
         wl.make_batch(PROBE_SAMPLES, device, 0),
         loss_fn=wl.loss_fn,

@@ -126,10 +126,12 @@ def apply_cap(cap: str, device: torch.device) -> None:
     In tiny mode the cap is a fault-injection budget set on the model instead.
     """
     cap_bytes = CAPS[cap]
-    if cap_bytes is None or device.type != "cuda":
+    if device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
+    # "uncapped" sets the fraction back to 1: one process may measure several caps in turn.
+    fraction = 1.0 if cap_bytes is None else min(1.0, cap_bytes / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
 def configure_threads(tiny: bool) -> None:

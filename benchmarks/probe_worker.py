@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+import autoaccum
 from benchmarks.common import (
     apply_cap,
     configure_threads,
@@ -53,14 +54,12 @@ PROBE_SAMPLES = 8  #: real samples handed to autoaccum.probe, which tiles them
 
 
 def run_autoaccum(wl: Workload, cap: str, device: torch.device) -> dict[str, Any]:
-    from autoaccum.probe import probe
-
     model = build(wl, cap, device)
     optimizer = wl.make_optimizer(model)
     batch = wl.make_batch(PROBE_SAMPLES, device, 0)
     sync(device)
     start = time.perf_counter()
-    found = probe(
+    found = autoaccum.probe(
         model,
         batch,
         loss_fn=wl.loss_fn,

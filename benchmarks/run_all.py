@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         "--fresh-steps",
         type=int,
         default=None,
-        help="steps a fresh run must survive (default 30; tiny 3)",
+        help="steps a fresh run must survive (default 20; tiny 3)",
     )
     p.add_argument(
-        "--max-fresh-runs", type=int, default=5, help="fresh runs per workload in bench_probe"
+        "--max-fresh-runs", type=int, default=4, help="fresh runs per workload in bench_probe"
     )
     p.add_argument("--tools", default=None, help="bench_probe tools (default: all)")
     p.add_argument("--budget-s", type=float, default=540.0, help="total wall-clock budget")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for bench in args.only:
         if bench not in BENCHES:
             raise SystemExit(f"unknown benchmark {bench!r}; choose from {', '.join(BENCHES)}")
-    fresh_steps = args.fresh_steps or (3 if args.tiny else 30)
+    fresh_steps = args.fresh_steps or (3 if args.tiny else 20)
     start = time.time()
     common = [
         "--out",

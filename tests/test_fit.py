@@ -71,7 +71,7 @@ def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
 
 
 def test_not_a_module() -> None:
-    with pytest.raises(ConfigError, match="torch.nn.Module"):
+    with pytest.raises(ConfigError, match=r"torch\.nn\.Module"):
         autoaccum.fit(lambda x: x, [torch.ones(2)], 2)  # type: ignore[arg-type]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -390,7 +391,7 @@ def _report(total: int = 80 * GiB, used: int = 20 * GiB, reserved: int = 4 * GiB
 
 
 def test_breakdown_adds_up_to_capacity_and_explains_the_plan():
-    probe = _probe(SEARCH, margin=0.02).with_margin(103, 0.02)
+    probe = replace(_probe(SEARCH, margin=0.02), micro_batch=103, margin=0.02)
     plan = make_plan(256, probe.micro_batch)
     parts = {"parameters": GiB, "gradients": GiB, "optimizer_state": GiB // 2}
     b = breakdown(probe, plan, parts, _report())

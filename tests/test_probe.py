@@ -73,7 +73,9 @@ def test_state_is_bit_identical_after_a_probe_with_ooms() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     assert random.getstate() == py_rng
     assert all(p.grad is None for p in model.parameters())
-    assert not model.training and model[2].training and not model[1].training
+    assert not model.training
+    assert model[2].training
+    assert not model[1].training
 
 
 def test_fresh_optimizer_has_no_state_after_probe() -> None:
@@ -161,8 +163,8 @@ class Frozen(nn.Module):
 
 def test_bad_inputs_get_clear_errors() -> None:
     model, opt = trained(limit=100)
+    frozen = Frozen()
     with pytest.raises(ConfigError, match="no trainable parameters"):
-        frozen = Frozen()
         autoaccum.probe(
             frozen,
             data(),
@@ -207,3 +209,16 @@ def test_non_oom_error_in_a_trial_restores_state_and_propagates() -> None:
         autoaccum.probe(model, data(), loss_fn=loss, optimizer=opt, upper=64)
     for key, value in model.state_dict().items():
         assert torch.equal(before[key], value), key
+
+
+def test_fixed_memory_is_measured_with_optimizer_state() -> None:
+    torch.manual_seed(0)
+    model = bn_net(100)
+    opt = torch.optim.AdamW(model.parameters())
+    result = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert result.fixed_bytes["parameters"] == param_bytes
+    assert result.fixed_bytes["gradients_expected"] == param_bytes
+    # AdamW: two moments per parameter plus a step counter per tensor
+    assert result.fixed_bytes["optimizer_state"] >= 2 * param_bytes
+    assert len(opt.state) == 0  # and yet the optimizer is back to empty

@@ -91,7 +91,10 @@ def test_non_oom_errors_propagate_unchanged() -> None:
 
 
 def test_cudnn_size_limit_only_after_a_pass() -> None:
-    message = "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input."
+    message = (
+        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+        "non-contiguous input."
+    )
 
     def limited(size: int) -> None:
         if size > 6:
@@ -117,7 +120,8 @@ def test_no_exception_or_failed_frame_is_kept() -> None:
 
     search_max_batch(trial, 64)
     gc.collect()
-    assert refs and all(ref() is None for ref in refs)
+    assert refs
+    assert all(ref() is None for ref in refs)
 
 
 def test_cleanup_runs_after_every_trial() -> None:

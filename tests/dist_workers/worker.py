@@ -1,0 +1,218 @@
+"""One rank of a 2-process gloo test: ``python worker.py SCENARIO RANK PORT OUTDIR``.
+
+Scenarios ending in ``_env`` leave the process group to ``autoaccum.fit`` (torchrun's
+variables are in the environment); the others initialise it here, with a short
+timeout, from the command line's rank and port. Each rank saves what the test
+asserts on to ``OUTDIR/rank{RANK}.pt``; any exception makes the process fail with
+its traceback on stderr, which the test shows.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers, dist_workers
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.utils.data import DataLoader
+
+import autoaccum
+from autoaccum.errors import PlanError
+from dist_workers.common import LR, WORLD, bn_mlp, ce, mlp, samples, token_model, tokens
+
+TIMEOUT = timedelta(seconds=30)
+
+
+def fit(model: nn.Module, data: Any, target: int, **kwargs: Any) -> autoaccum.FitResult:
+    return autoaccum.fit(
+        model,
+        data,
+        target,
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        device="cpu",
+        progress=False,
+        report=False,
+        **kwargs,
+    )
+
+
+def params(model: nn.Module) -> list[torch.Tensor]:
+    """Full (unsharded) parameters, in the order of the unwrapped module."""
+    out = []
+    for p in model.parameters():
+        full = getattr(p, "full_tensor", None)
+        out.append((full() if callable(full) else p).detach().clone())
+    return out
+
+
+def summary(result: autoaccum.FitResult) -> dict[str, Any]:
+    return {
+        "losses": list(result.losses),
+        "samples_seen": result.samples_seen,
+        "optimizer_steps": result.optimizer_steps,
+        "micro_sizes": result.plan.micro_sizes,
+        "world_size": result.plan.world_size,
+        "probe": result.probe.to_dict() if result.probe is not None else None,
+    }
+
+
+class WindowTracker:
+    """Counts forwards of the current window; the optimizer's step closes a window."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.forwards = 0
+        self.events: list[tuple[str, int]] = []  # (what, forwards so far in this window)
+        self.windows: list[list[tuple[str, int]]] = []
+        module.register_forward_pre_hook(self._forward)
+        optimizer.register_step_pre_hook(self._step)
+
+    def _forward(self, *_: Any) -> None:
+        if torch.is_grad_enabled():
+            self.forwards += 1
+
+    def _step(self, *_: Any) -> None:
+        self.windows.append([*self.events, ("step", self.forwards)])
+        self.events, self.forwards = [], 0
+
+    def note(self, what: str) -> None:
+        self.events.append((what, self.forwards))
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def samples_env(rank: int) -> dict[str, Any]:
+    """fit initialises the group from torchrun's variables and destroys it afterwards."""
+    assert not dist.is_initialized()
+    model = mlp()
+    result = fit(model, DataLoader(samples(26), batch_size=3), 10, loss_fn=ce, max_micro=2)
+    return {
+        **summary(result),
+        "params": params(model),
+        "group_left_behind": dist.is_initialized(),
+    }
+
+
+def tokens_(rank: int) -> dict[str, Any]:
+    model = token_model()
+    result = fit(model, DataLoader(tokens(30), batch_size=4, shuffle=False), 14, max_micro=4)
+    return {**summary(result), "params": params(model)}
+
+
+def comm_hook(rank: int) -> dict[str, Any]:
+    """A DDP model wrapped here; its comm hook records when gradients are all-reduced."""
+    inner = mlp()
+    model = nn.parallel.DistributedDataParallel(inner)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    tracker = WindowTracker(inner, optimizer)
+
+    def hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        tracker.note("all_reduce")
+        return allreduce_hook(state, bucket)
+
+    model.register_comm_hook(None, hook)
+    result = autoaccum.fit(
+        model,
+        DataLoader(samples(28), batch_size=5),
+        12,
+        loss_fn=ce,
+        optimizer=optimizer,
+        max_micro=2,
+        device="cpu",
+        progress=False,
+        report=False,
+    )
+    return {**summary(result), "params": params(inner), "windows": tracker.windows}
+
+
+def oom_on_rank0(rank: int) -> dict[str, Any]:
+    """Rank 0 runs out of memory above 3 samples, rank 1 never: the probe must agree."""
+    model = mlp(limit=3 if rank == 0 else 10**9)
+    result = fit(model, DataLoader(samples(32), batch_size=8), 16, loss_fn=ce)
+    # The same with a BatchNorm: DDP broadcasts buffers on each forward, so a rank that
+    # skips a trial's forwards must not leave the other rank in a mismatched collective.
+    bn = bn_mlp(limit=3 if rank == 0 else 10**9)
+    bn_result = fit(bn, DataLoader(samples(32), batch_size=8), 16, loss_fn=ce)
+    return {**summary(result), "params": params(model), "bn": summary(bn_result)}
+
+
+def plan_error_env(rank: int) -> dict[str, Any]:
+    try:
+        fit(mlp(), DataLoader(samples(8), batch_size=4), 15, loss_fn=ce)
+    except PlanError as err:
+        return {"error": str(err), "group_left_behind": dist.is_initialized()}
+    raise AssertionError("fit accepted target_batch=15 on 2 ranks")
+
+
+def fsdp2(rank: int) -> dict[str, Any]:
+    """An already fully_shard-ed model, probed (no max_micro) and trained."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = mlp()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    tracker = WindowTracker(model, optimizer)
+    set_sync = model.set_requires_gradient_sync
+
+    def recording_set_sync(enabled: bool, *, recurse: bool = True) -> None:
+        tracker.note(f"sync={enabled}")
+        set_sync(enabled, recurse=recurse)
+
+    model.set_requires_gradient_sync = recording_set_sync  # type: ignore[method-assign]
+    reduce_scatter = dist.reduce_scatter_single
+
+    def recording_reduce_scatter(*args: Any, **kwargs: Any) -> Any:
+        tracker.note("reduce_scatter")
+        return reduce_scatter(*args, **kwargs)
+
+    dist.reduce_scatter_single = recording_reduce_scatter
+    data = DataLoader(samples(26), batch_size=4)
+    result = autoaccum.fit(
+        model, data, 10, loss_fn=ce, optimizer=optimizer, device="cpu", progress=False,
+        report=False, margin=0.0,
+    )
+    return {**summary(result), "params": params(model), "windows": tracker.windows}
+
+
+SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "samples_env": samples_env,
+    "tokens": tokens_,
+    "comm_hook": comm_hook,
+    "oom_on_rank0": oom_on_rank0,
+    "plan_error_env": plan_error_env,
+    "fsdp2": fsdp2,
+}
+
+
+def main() -> None:
+    scenario, rank, port, outdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    torch.set_num_threads(1)
+    own_group = not scenario.endswith("_env")
+    if own_group:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=TIMEOUT,
+        )
+    try:
+        out = SCENARIOS[scenario](rank)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    torch.save(out, outdir / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Real torch.distributed, 2 processes on gloo: fit on 2 ranks equals 1-process full-window SGD.
+
+Every test launches ``tests/dist_workers/worker.py`` twice (rank 0 and 1) as
+subprocesses and compares what they saved with a single-process float64 reference
+built here. ``*_env`` scenarios give the workers torchrun's variables (MASTER_ADDR,
+MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) and let ``fit`` create the process group
+itself; the others initialise it in the worker (30 s collective timeout). A hang
+fails the test at ``TIMEOUT`` seconds, and a failing rank's output is shown.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from dist_workers.common import (
+    WORLD,
+    ce,
+    mlp,
+    reference,
+    rel_diff,
+    samples,
+    token_ce,
+    token_model,
+    tokens,
+    windows_of,
+)
+
+pytestmark = pytest.mark.distributed
+
+WORKER = Path(__file__).parent / "dist_workers" / "worker.py"
+TIMEOUT = 90.0  # seconds for the whole 2-process run; the collectives time out at 30
+TOL = 1e-10
+_TORCHRUN_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                  "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _logs(logs: list[Path]) -> str:
+    return "\n".join(
+        f"----- rank {rank} -----\n{path.read_text(errors='replace')}" for rank, path in enumerate(logs)
+    )
+
+
+def launch(scenario: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``WORLD`` worker processes; what each rank saved, in rank order."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs, logs = [], []
+    for rank in range(WORLD):
+        rank_env = dict(env)
+        if scenario.endswith("_env"):
+            rank_env.update(
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+            )
+        log = tmp_path / f"rank{rank}.log"
+        logs.append(log)
+        with log.open("w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(WORKER), scenario, str(rank), str(port), str(tmp_path)],
+                env=rank_env, stdout=out, stderr=subprocess.STDOUT,
+            ))
+    deadline = time.monotonic() + TIMEOUT
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            failed_at = now  # let the others report their side for a moment, then stop them
+        if now > deadline or (failed_at is not None and now - failed_at > 5):
+            break
+        time.sleep(0.05)
+    hung = [rank for rank, p in enumerate(procs) if p.poll() is None]
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    codes = [p.returncode for p in procs]
+    if hung and failed_at is None:
+        pytest.fail(f"{scenario}: ranks {hung} still running after {TIMEOUT:.0f}s (a hang)\n"
+                    + _logs(logs))
+    if any(codes):
+        pytest.fail(f"{scenario}: worker exit codes {codes}\n" + _logs(logs))
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def assert_exact(outs: list[dict[str, Any]], ref: torch.nn.Module, ref_losses: list[float]) -> None:
+    for rank, out in enumerate(outs):
+        assert rel_diff(out["params"], ref) < TOL, f"rank {rank} parameters differ"
+        assert out["losses"] == pytest.approx(ref_losses, rel=1e-12), f"rank {rank} losses"
+        assert out["optimizer_steps"] == len(ref_losses)
+        assert out["world_size"] == WORLD
+
+
+def test_two_ranks_equal_one_process_full_window_sgd(tmp_path: Path) -> None:
+    """fit's own init from torchrun's variables; uneven micro sizes and a short last window."""
+    outs = launch("samples_env", tmp_path)
+    data = samples(26)
+    ref = mlp()
+    ref_losses = reference(ref, windows_of(data, 10), ce)
+    assert len(ref_losses) == 3 and len(windows_of(data, 10)[-1][0]) == 6  # short last window
+    assert_exact(outs, ref, ref_losses)
+    for out in outs:
+        assert out["micro_sizes"] == (2, 2, 1)  # 5 per rank, max_micro 2
+        assert out["samples_seen"] == 26  # global, not per rank
+        assert out["group_left_behind"] is False  # fit destroyed the group it created
+
+
+def test_token_weighted_ranks_with_different_token_counts(tmp_path: Path) -> None:
+    data = tokens(30)
+    ref = token_model()
+    ref_losses = reference(ref, windows_of(data, 14), token_ce)
+    # DistributedSampler(shuffle=False) gives rank r the samples r, r+2, …: in window 0
+    # the two ranks carry different numbers of target tokens, so a per-rank mean is wrong.
+    targets = (data.tensors[1][:14] != -100).sum(dim=1)
+    assert int(targets[0::2].sum()) != int(targets[1::2].sum())
+    outs = launch("tokens", tmp_path)
+    assert_exact(outs, ref, ref_losses)
+    for out in outs:
+        assert out["micro_sizes"] == (4, 3)  # 7 per rank; the last window is 1 per rank
+        assert out["samples_seen"] == 30
+
+
+def test_gradients_all_reduced_once_per_window_on_the_last_micro_step(tmp_path: Path) -> None:
+    """A comm hook on a DDP model wrapped by the caller sees one reduction per window."""
+    outs = launch("comm_hook", tmp_path)
+    data = samples(28)
+    ref = mlp()
+    ref_losses = reference(ref, windows_of(data, 12), ce)
+    assert_exact(outs, ref, ref_losses)
+    for out in outs:
+        # 14 samples per rank: windows of 6 (2+2+2) and a short last one of 2 (one micro-step);
+        # each window: the all-reduce fires during the last forward/backward, then the step.
+        assert out["windows"] == [
+            [("all_reduce", 3), ("step", 3)],
+            [("all_reduce", 3), ("step", 3)],
+            [("all_reduce", 1), ("step", 1)],
+        ]
+
+
+def test_oom_on_one_rank_is_agreed_by_all_ranks(tmp_path: Path) -> None:
+    outs = launch("oom_on_rank0", tmp_path)
+    for key in ("probe", "bn"):
+        probes = [out["probe"] if key == "probe" else out["bn"]["probe"] for out in outs]
+        sizes = [[(t["size"], t["fits"]) for t in probe["trials"]] for probe in probes]
+        assert sizes[0] == sizes[1] == [(1, True), (2, True), (4, False), (3, True)], key
+        assert [t["failure"] for t in probes[0]["trials"]][2] == "oom"
+        assert [t["failure"] for t in probes[1]["trials"]][2] == "oom (another rank)"
+        for probe in probes:
+            assert (probe["max_batch"], probe["micro_batch"]) == (3, 2)  # 3 less the margin
+    data = samples(32)
+    ref = mlp()
+    ref_losses = reference(ref, windows_of(data, 16), ce)
+    assert_exact(outs, ref, ref_losses)
+    for out in outs:
+        assert out["micro_sizes"] == (2, 2, 2, 2)
+        assert out["bn"]["micro_sizes"] == (2, 2, 2, 2)
+        assert out["bn"]["optimizer_steps"] == 2
+
+
+def test_target_not_divisible_by_world_size_fails_on_every_rank(tmp_path: Path) -> None:
+    outs = launch("plan_error_env", tmp_path)
+    for out in outs:
+        assert "target_batch 15 does not divide evenly among 2 ranks" in out["error"]
+        assert "14 or 16" in out["error"]
+        assert out["group_left_behind"] is False
+
+
+def test_fsdp2_fully_shard_trains_exactly_with_one_reduce_scatter_per_window(
+    tmp_path: Path,
+) -> None:
+    outs = launch("fsdp2", tmp_path)
+    data = samples(26)
+    ref = mlp()
+    ref_losses = reference(ref, windows_of(data, 10), ce)
+    assert_exact(outs, ref, ref_losses)
+    for out in outs:
+        trials = out["probe"]["trials"]
+        assert [t["size"] for t in trials] == [1, 2, 4, 5]
+        probe_windows, windows = out["windows"][: len(trials)], out["windows"][len(trials) :]
+        for trial in probe_windows:  # trials never reduce gradients
+            assert ("reduce_scatter", 1) not in trial and ("reduce_scatter", 2) not in trial
+        assert out["micro_sizes"] == (5,)
+        print(windows)
