@@ -15,13 +15,17 @@ from autoaccum.errors import DistributedError
 
 __all__ = [
     "DistInfo",
+    "agree_window",
     "all_reduce_max",
     "all_reduce_min",
     "all_reduce_sum",
     "current",
+    "drop_unsynced_grads",
     "gradient_sync",
     "init_from_env",
     "is_fsdp2",
+    "local_cuda_index",
+    "select_device",
     "unwrap",
     "wrap_model",
 ]
@@ -48,7 +52,11 @@ class DistInfo:
 
     @property
     def comm_device(self) -> torch.device:
-        """The device of tensors handed to collectives (NCCL needs CUDA tensors)."""
+        """The device of tensors handed to collectives (NCCL needs CUDA tensors).
+
+        CUDA's current device, which :func:`select_device` (called by ``fit``) makes
+        the training device of this rank.
+        """
         if self.backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
@@ -56,6 +64,52 @@ class DistInfo:
 
 def _torchrun_env() -> bool:
     return all(name in os.environ for name in _TORCHRUN_VARS)
+
+
+def local_cuda_index() -> int:
+    """This process's CUDA device under a launcher: ``LOCAL_RANK``.
+
+    When every process sees a single GPU (``CUDA_VISIBLE_DEVICES`` set per process,
+    as some schedulers do) that GPU is 0 whatever ``LOCAL_RANK`` says. Without
+    ``LOCAL_RANK`` (a process group the caller initialised) CUDA's current device,
+    i.e. whatever the caller passed to ``torch.cuda.set_device``.
+    """
+    count = torch.cuda.device_count()
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return torch.cuda.current_device()
+    if count == 1:
+        return 0
+    index = int(local)
+    if index >= count:
+        raise DistributedError(
+            f"LOCAL_RANK is {index} but this process sees {count} CUDA devices; launch at most "
+            f"{count} processes per node (torchrun --nproc_per_node={count}), or pass device= "
+            "to autoaccum.fit() explicitly"
+        )
+    return index
+
+
+def select_device(device: torch.device | str | None, info: DistInfo) -> torch.device:
+    """The device this rank trains on.
+
+    ``None`` means this rank's GPU (:func:`local_cuda_index` in a distributed run, the
+    current device otherwise), or the CPU without CUDA; a bare ``"cuda"`` gets the
+    same index. Under NCCL the device is also made CUDA's current device, so that
+    collectives (:attr:`DistInfo.comm_device`) and DDP use this rank's GPU.
+    """
+    if device is not None:
+        dev = torch.device(device)
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda")
+    else:
+        return torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        index = local_cuda_index() if info.active else torch.cuda.current_device()
+        dev = torch.device("cuda", index)
+    if info.backend == "nccl" and dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def init_from_env(device_type: str | None = None) -> bool:
@@ -70,7 +124,7 @@ def init_from_env(device_type: str | None = None) -> bool:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_cuda_index())
     try:
         dist.init_process_group(backend=backend)
     except Exception as exc:
@@ -123,9 +177,69 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def agree_window(micro_steps: int, model: nn.Module, info: DistInfo) -> bool:
+    """Whether every rank has a window to train (``micro_steps`` 0: this rank has none).
+
+    For rank-local data, where ranks can run out at different windows. One all-reduce.
+    An FSDP2 model gathers its parameters in every forward, so all ranks must run the
+    same number of micro-steps: a difference is a :class:`DistributedError` on every
+    rank (instead of mismatched collectives).
+    """
+    if not info.active or info.world_size == 1:
+        return micro_steps > 0
+    steps = torch.tensor([-micro_steps, micro_steps], dtype=torch.float64, device=info.comm_device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    fewest, most = -int(steps[0].item()), int(steps[1].item())
+    if fewest == 0:
+        return False
+    if fewest != most and is_fsdp2(model):
+        raise DistributedError(
+            f"the ranks' windows have {fewest} to {most} micro-batches: with rank-local data "
+            "(not a DataLoader over a map-style dataset) the ranks hold different numbers of "
+            "samples in this window, which an FSDP2 model cannot train (every micro-step "
+            "all-gathers its parameters on all ranks). Give every rank the same number of "
+            "samples, or pass a DataLoader and let autoaccum shard it"
+        )
+    return True
+
+
+def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "set_requires_gradient_sync") and hasattr(m, "reshard")
+    ]
+
+
 def is_fsdp2(model: nn.Module) -> bool:
-    """True for a module sharded with FSDP2's ``fully_shard``."""
-    return hasattr(model, "set_requires_gradient_sync") and hasattr(model, "reshard")
+    """True for a module sharded with FSDP2's ``fully_shard`` (itself or a submodule)."""
+    return bool(_fsdp2_modules(model))
+
+
+def drop_unsynced_grads(model: nn.Module) -> None:
+    """Forget the gradients FSDP2 accumulates, unsharded, under ``gradient_sync(False)``.
+
+    FSDP2 keeps them on its unsharded parameters until the next backward that
+    reduce-scatters, which adds them in; ``zero_grad()`` only reaches the sharded
+    parameters. Used after probe trials, which never reduce. torch has no public
+    call for this, so FSDP2's private state is reached defensively.
+    """
+    for module in _fsdp2_modules(model):
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if not callable(get_state):
+            continue
+        state = get_state()
+        groups = getattr(state, "_fsdp_param_groups", None)  # torch ≥ 2.8
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        for group in groups:
+            for param in getattr(group, "fsdp_params", ()):
+                if hasattr(param, "unsharded_accumulated_grad"):
+                    param.unsharded_accumulated_grad = None
+                unsharded = getattr(param, "_unsharded_param", None)
+                if unsharded is not None:
+                    unsharded.grad = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -157,11 +271,15 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     elif isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
-    elif is_fsdp2(model):
-        model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    elif fsdp := _fsdp2_modules(model):
+        # The root's call recurses; each fully_shard-ed module is set on its own (recurse
+        # off) so that a model whose root is not sharded is covered too.
+        for module in fsdp:
+            module.set_requires_gradient_sync(False, recurse=False)  # type: ignore[operator]
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)  # type: ignore[operator]
+            for module in fsdp:
+                module.set_requires_gradient_sync(True, recurse=False)  # type: ignore[operator]
     else:
         yield

@@ -18,11 +18,12 @@ from autoaccum.loop import Stepper
 from autoaccum.losses import CountFn, LossFn, default_count, default_loss
 from autoaccum.plan import Plan, check_count, make_plan
 from autoaccum.precision import make_scaler, resolve_precision
-from autoaccum.probe import DEFAULT_MARGIN, check_model_optimizer, probe
+from autoaccum.probe import DEFAULT_MARGIN, check_model_optimizer, has_batchnorm, probe
 from autoaccum.progress import TrainProgress
 from autoaccum.result import FitResult
 from autoaccum.search import ProbeResult
 from autoaccum.state import preserved_rng
+from autoaccum.tree import batch_size
 
 __all__ = ["fit"]
 
@@ -63,10 +64,6 @@ def _check_args(
     for name, fn in (("loss_fn", loss_fn), ("count_fn", count_fn)):
         if fn is not None and not callable(fn):
             raise ConfigError(f"{name} must be callable or None, got {type(fn).__name__}")
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _plan(
@@ -161,7 +158,7 @@ def fit(
         stream = WindowStream(loader, rank=info.rank, world_size=info.world_size)
         loss_fn = loss_fn if loss_fn is not None else default_loss
         if count_fn is None:
-            count_fn = default_count if loss_fn is default_loss else _samples
+            count_fn = default_count if loss_fn is default_loss else batch_size
         plan, found = _plan(
             wrapped,
             stream,
@@ -174,7 +171,7 @@ def fit(
             margin=margin,
             device=dev,
         )
-        if plan.accum_iter > 1 and _has_batchnorm(model):
+        if plan.accum_iter > 1 and has_batchnorm(model):
             warnings.warn(
                 f"the model has BatchNorm and accum_iter is {plan.accum_iter}: its batch "
                 f"statistics see micro-batches of ~{plan.micro_batch} samples, not the window of "
@@ -206,12 +203,6 @@ def fit(
     finally:
         if created_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _samples(batch: Any) -> int:
-    from autoaccum.tree import batch_size
-
-    return batch_size(batch)
 
 
 def _train(

@@ -90,7 +90,9 @@ class Stepper:
             )
         world = self.dist.world_size if self.dist.active else 1
         last = len(micro_batches) - 1
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # float64 accumulation of the reported loss; MPS has no float64
+        acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        loss_sum = torch.zeros((), dtype=acc_dtype, device=self.device)
         micro_losses: list[torch.Tensor] = []
         upcoming = to_device(micro_batches[0], self.device, non_blocking=self.prefetch)
         for i, count in enumerate(counts):
@@ -102,7 +104,7 @@ class Stepper:
                     loss = check_loss(self.loss_fn(self.model, batch), where)
                 weighted = loss * (count * world / items)
                 self.scaler.scale(weighted).backward()  # type: ignore[no-untyped-call]
-            detached = loss.detach().to(torch.float64)
+            detached = loss.detach().to(acc_dtype)
             micro_losses.append(detached)
             loss_sum += detached * count
             del loss, weighted, batch

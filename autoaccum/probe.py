@@ -28,7 +28,14 @@ from autoaccum.search import Agree, ProbeResult, search_max_batch
 from autoaccum.state import restore, snapshot
 from autoaccum.tree import batch_size, resize_batch, to_device
 
-__all__ = ["DEFAULT_MARGIN", "apply_margin", "check_loss", "check_model_optimizer", "probe"]
+__all__ = [
+    "DEFAULT_MARGIN",
+    "apply_margin",
+    "check_loss",
+    "check_model_optimizer",
+    "has_batchnorm",
+    "probe",
+]
 
 #: Fraction of the largest size that passed which :func:`probe` gives up for safety.
 DEFAULT_MARGIN = 0.02
@@ -58,7 +65,8 @@ def apply_margin(max_batch: int, *, margin: float, hit_limit: bool, lower: int =
     return max(lower, max_batch - max(1, math.ceil(margin * max_batch)))
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
+def has_batchnorm(model: nn.Module) -> bool:
+    """True when ``model`` holds a BatchNorm layer (it cannot train on one sample)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -138,7 +146,7 @@ def probe(
         raise BatchError("the probe batch is empty: give at least one real sample to tile")
     dev = torch.device(device) if device is not None else _model_device(model)
     prec = resolve_precision(precision, dev)
-    if _has_batchnorm(model) and lower < 2:
+    if has_batchnorm(model) and lower < 2:
         if upper < 2:
             raise ConfigError(
                 "the model has BatchNorm, which cannot train on 1 sample, but upper is 1; "

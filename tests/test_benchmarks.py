@@ -154,10 +154,8 @@ def test_run_all_tiny_runs_bench_overhead_and_writes_summary(tmp_path: Path) -> 
 # --------------------------------------------------------------------------- in-process
 
 
-def fake_fresh(
-    monkeypatch: pytest.MonkeyPatch, stable: int, fail: set[int] | None = None
-) -> list[int]:
-    """Fake fresh runs: a size survives when ≤ ``stable`` (unless listed in ``fail``)."""
+def fake_fresh(monkeypatch: pytest.MonkeyPatch, stable: int) -> list[int]:
+    """Fake fresh runs: a size survives when ≤ ``stable``; returns the sizes tried."""
     tried: list[int] = []
     common = bench("common")
 
@@ -165,7 +163,7 @@ def fake_fresh(
         assert module == "benchmarks.fresh_run"
         size = int(args[args.index("--size") + 1])
         tried.append(size)
-        ok = size <= stable and size not in (fail or set())
+        ok = size <= stable
         rc = common.EXIT_OK if ok else common.EXIT_OOM
         return common.WorkerOutcome(rc, {"seconds": 0.0}, 0.0, "")
 
