@@ -255,7 +255,9 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Mod
         return model
     if isinstance(model, nn.parallel.DistributedDataParallel) or is_fsdp2(model):
         return model
-    device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+    device_ids = (
+        [device.index if device.index is not None else 0] if device.type == "cuda" else None
+    )
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
@@ -272,8 +274,8 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         with model.no_sync():
             yield
     elif fsdp := _fsdp2_modules(model):
-        # The root's call recurses; each fully_shard-ed module is set on its own (recurse
-        # off) so that a model whose root is not sharded is covered too.
+        # Each fully_shard-ed module on its own (recurse off): this also covers a model
+        # whose root module is not sharded itself.
         for module in fsdp:
             module.set_requires_gradient_sync(False, recurse=False)  # type: ignore[operator]
         try:

@@ -29,11 +29,7 @@ __all__ = ["fit"]
 
 
 def _resolve_device(device: torch.device | str | None, info: D.DistInfo) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", info.local_rank if info.active else torch.cuda.current_device())
-    return torch.device("cpu")
+    return D.select_device(device, info)
 
 
 def _check_args(
@@ -231,7 +227,8 @@ def _train(
             epochs_started += 1
             windows = 0
             for window in stream.windows(plan, epoch):
-                if agree_windows and D.all_reduce_min(1.0, info) < 1:
+                steps = len(window.micro_batches)
+                if agree_windows and not D.agree_window(steps, stepper.model, info):
                     break
                 where = f"optimizer step {len(losses) + 1} (epoch {epoch}, window {window.index})"
                 outcome = stepper.step(window.micro_batches, where)
@@ -244,7 +241,7 @@ def _train(
                     break
             else:
                 if agree_windows:
-                    D.all_reduce_min(0.0, info)  # tell ranks still holding data to stop
+                    D.agree_window(0, stepper.model, info)  # tell ranks holding data to stop
             if windows == 0:
                 if epoch == 0:
                     raise BatchError("the loader yielded no samples; give it a non-empty dataset")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from autoaccum.errors import ConfigError, PlanError
 
@@ -76,13 +76,7 @@ class Plan:
         )
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "target_batch": self.target_batch,
-            "world_size": self.world_size,
-            "micro_batch": self.micro_batch,
-            "accum_iter": self.accum_iter,
-            "micro_sizes": list(self.micro_sizes),
-        }
+        return {**asdict(self), "micro_sizes": list(self.micro_sizes)}
 
 
 def _nearest_multiples(value: int, step: int) -> str:

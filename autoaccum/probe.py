@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoaccum.distributed import gradient_sync
+from autoaccum.distributed import drop_unsynced_grads, gradient_sync
 from autoaccum.errors import BatchError, ConfigError
 from autoaccum.losses import LossFn
 from autoaccum.memory import footprint
@@ -168,6 +168,7 @@ def probe(
     def cleanup() -> None:
         optimizer.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
+        drop_unsynced_grads(model)  # FSDP2 keeps no-sync gradients out of zero_grad's reach
 
     saved = snapshot(model, optimizer)
     try:

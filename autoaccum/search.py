@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -34,15 +34,7 @@ class TrialRecord:
     failure: str | None = None  #: "oom" or "size_limit" when the trial did not fit
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "size": self.size,
-            "fits": self.fits,
-            "seconds": self.seconds,
-            "peak_allocated": self.peak_allocated,
-            "peak_reserved": self.peak_reserved,
-            "alloc_retries": self.alloc_retries,
-            "failure": self.failure,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,7 @@ VERDICTS = {"PASS", "MISS", "N/A"}
 
 
 def bench(name: str) -> ModuleType:
-    """``benchmarks.<name>``: benchmarks/ lives at the repository root, not in the package."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    """``benchmarks.<name>`` (pytest puts the repository root on sys.path: pyproject.toml)."""
     return importlib.import_module(f"benchmarks.{name}")
 
 
