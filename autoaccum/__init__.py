@@ -8,6 +8,7 @@ one big batch. Nothing runs at import.
 
 from __future__ import annotations
 
+from autoaccum.breakdown import ActivationFit, MemoryBreakdown, breakdown, fit_activation
 from autoaccum.errors import (
     AutoAccumError,
     BatchError,
@@ -18,16 +19,9 @@ from autoaccum.errors import (
     PlanError,
 )
 from autoaccum.fit import fit
+from autoaccum.footprint import footprint
 from autoaccum.losses import count_tokens, default_count, default_loss
-from autoaccum.memory import (
-    ActivationFit,
-    MemoryBreakdown,
-    MemoryReport,
-    breakdown,
-    fit_activation,
-    footprint,
-    memory_report,
-)
+from autoaccum.memory import MemoryReport, memory_report
 from autoaccum.oom import free_memory, is_oom
 from autoaccum.plan import Plan, make_plan
 from autoaccum.probe import DEFAULT_MARGIN, probe

@@ -187,8 +187,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_probe(args: argparse.Namespace) -> int:
     import torch
 
+    from autoaccum.breakdown import breakdown
+    from autoaccum.footprint import footprint
     from autoaccum.losses import default_loss
-    from autoaccum.memory import breakdown, footprint, memory_report
+    from autoaccum.memory import memory_report
     from autoaccum.plan import make_plan
     from autoaccum.probe import probe
 

@@ -273,7 +273,8 @@ def _finish(
 ) -> FitResult:
     from dataclasses import replace
 
-    from autoaccum.memory import footprint, memory_report
+    from autoaccum.footprint import footprint
+    from autoaccum.memory import memory_report
 
     return replace(
         result,

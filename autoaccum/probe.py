@@ -19,8 +19,8 @@ from torch import nn
 
 from autoaccum.distributed import drop_unsynced_grads, gradient_sync
 from autoaccum.errors import BatchError, ConfigError
+from autoaccum.footprint import footprint
 from autoaccum.losses import LossFn
-from autoaccum.memory import footprint
 from autoaccum.oom import free_memory
 from autoaccum.plan import check_count
 from autoaccum.precision import autocast, resolve_precision

@@ -17,7 +17,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from autoaccum.memory import ActivationFit, MemoryBreakdown, MemoryReport, breakdown
+from autoaccum.breakdown import ActivationFit, MemoryBreakdown, breakdown
+from autoaccum.memory import MemoryReport
 from autoaccum.plan import Plan
 from autoaccum.result import FitResult
 from autoaccum.search import ProbeResult

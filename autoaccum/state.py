@@ -18,10 +18,10 @@ from torch import nn
 
 from autoaccum.oom import cuda_initialized
 
-__all__ = ["TrainingState", "preserved_rng", "restore", "snapshot"]
+__all__ = ["TrainingState", "local_tensor", "preserved_rng", "restore", "snapshot"]
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor a rank really holds (the local shard of an FSDP2 DTensor)."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
@@ -29,7 +29,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def _to_host(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
-        return _local(obj).detach().to("cpu", copy=True)
+        return local_tensor(obj).detach().to("cpu", copy=True)
     if isinstance(obj, Mapping):
         return {k: _to_host(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -77,7 +77,7 @@ def restore(
 ) -> None:
     """Put back exactly what :func:`snapshot` saw, bit for bit; gradients are cleared."""
     for name, tensor in _named_tensors(model).items():
-        _local(tensor).copy_(state.tensors[name])
+        local_tensor(tensor).copy_(state.tensors[name])
     for name, module in model.named_modules():
         module.training = state.modes.get(name, module.training)
     model.zero_grad(set_to_none=True)

@@ -10,7 +10,6 @@ fails the test at ``TIMEOUT`` seconds, and a failing rank's output is shown.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import subprocess
@@ -180,19 +179,42 @@ def test_target_not_divisible_by_world_size_fails_on_every_rank(tmp_path: Path) 
         assert out["group_left_behind"] is False
 
 
+def test_rank_local_data_stops_when_the_first_rank_runs_out(tmp_path: Path) -> None:
+    """Lists of batches are rank-local: the ranks agree on every window and on the end."""
+    outs = launch("rank_local", tmp_path)
+    mine, theirs = samples(20), samples(14, seed=1)
+    # global window k: rank 0's samples 5k..5k+4 and rank 1's; rank 1 runs out after 3
+    windows = [
+        tuple(torch.cat([a[5 * k : 5 * k + 5], b[5 * k : 5 * k + 5]]) for a, b in
+              zip(mine.tensors, theirs.tensors, strict=True))
+        for k in range(3)
+    ]
+    ref = mlp()
+    ref_losses = reference(ref, windows, ce)
+    assert_exact(outs, ref, ref_losses)
+    assert [out["samples_seen"] for out in outs] == [29, 29]  # 10 + 10 + (5 + 4)
+
+
 def test_fsdp2_fully_shard_trains_exactly_with_one_reduce_scatter_per_window(
     tmp_path: Path,
 ) -> None:
+    """An already fully_shard-ed model (two FSDP groups), probed, then trained."""
     outs = launch("fsdp2", tmp_path)
     data = samples(26)
     ref = mlp()
     ref_losses = reference(ref, windows_of(data, 10), ce)
     assert_exact(outs, ref, ref_losses)
+    no_sync = [("sync=False", 0), ("sync=True", 1), ("sync=False", 1), ("sync=True", 2)]
     for out in outs:
-        trials = out["probe"]["trials"]
-        assert [t["size"] for t in trials] == [1, 2, 4, 5]
-        probe_windows, windows = out["windows"][: len(trials)], out["windows"][len(trials) :]
-        for trial in probe_windows:  # trials never reduce gradients
-            assert ("reduce_scatter", 1) not in trial and ("reduce_scatter", 2) not in trial
-        assert out["micro_sizes"] == (5,)
-        print(windows)
+        trials = [(t["size"], t["fits"]) for t in out["probe"]["trials"]]
+        assert trials == [(1, True), (2, True), (4, False), (3, True)]
+        assert out["micro_sizes"] == (3, 2)  # 5 per rank, 3 found (margin 0)
+        # each trial that fits ends in an optimizer step; none reduces gradients
+        *probe, w0, w1, w2 = out["windows"]
+        assert len(probe) == 3
+        assert not [e for window in probe for e in window if e[0] == "reduce_scatter"]
+        # sync off for the first micro-step; one reduce-scatter per FSDP group at the last
+        full = [("sync=False", 0), ("sync=True", 1), ("reduce_scatter", 2), ("reduce_scatter", 2)]
+        assert w0 == w1 == [*full, ("step", 2)]
+        assert w2 == [("reduce_scatter", 1), ("reduce_scatter", 1), ("step", 1)]  # 3 = (3,)
+        assert "windows have 2 to 3 micro-batches" in out["uneven_error"]

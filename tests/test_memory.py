@@ -13,17 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from autoaccum.memory import (
-    AllocatorMemory,
-    GpuMemory,
-    HostMemory,
-    MemoryReport,
-    breakdown,
-    cgroup_memory,
-    fit_activation,
-    footprint,
-    memory_report,
-)
+from autoaccum.breakdown import breakdown, fit_activation
+from autoaccum.cgroup import cgroup_memory
+from autoaccum.footprint import footprint
+from autoaccum.memory import AllocatorMemory, GpuMemory, HostMemory, MemoryReport, memory_report
 from autoaccum.plan import make_plan
 from autoaccum.search import ProbeResult, TrialRecord
 

@@ -12,16 +12,9 @@ import torch
 from rich.console import Console
 
 import autoaccum
-from autoaccum.memory import (
-    AllocatorMemory,
-    CgroupMemory,
-    GpuMemory,
-    HostMemory,
-    MemoryReport,
-    breakdown,
-    fit_activation,
-    memory_report,
-)
+from autoaccum.breakdown import breakdown, fit_activation
+from autoaccum.cgroup import CgroupMemory
+from autoaccum.memory import AllocatorMemory, GpuMemory, HostMemory, MemoryReport, memory_report
 from autoaccum.plan import make_plan
 from autoaccum.report import (
     _bar_widths,

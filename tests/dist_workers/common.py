@@ -10,11 +10,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from helpers import OOMAbove
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
-
-from helpers import OOMAbove
 
 WORLD = 2
 LR = 0.5

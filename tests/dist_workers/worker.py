@@ -24,7 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import DataLoader
 
 import autoaccum
-from autoaccum.errors import PlanError
+from autoaccum.errors import DistributedError, PlanError
 from dist_workers.common import LR, WORLD, bn_mlp, ce, mlp, samples, token_model, tokens
 
 TIMEOUT = timedelta(seconds=30)
@@ -113,7 +113,7 @@ def comm_hook(rank: int) -> dict[str, Any]:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     tracker = WindowTracker(inner, optimizer)
 
-    def hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP rejects string annotations
         tracker.note("all_reduce")
         return allreduce_hook(state, bucket)
 
@@ -157,7 +157,7 @@ def fsdp2(rank: int) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    model = mlp()
+    model = mlp(limit=3)  # the probe runs out of memory above 3 samples on both ranks
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -181,7 +181,26 @@ def fsdp2(rank: int) -> dict[str, Any]:
         model, data, 10, loss_fn=ce, optimizer=optimizer, device="cpu", progress=False,
         report=False, margin=0.0,
     )
-    return {**summary(result), "params": params(model), "windows": tracker.windows}
+    out = {**summary(result), "params": params(model), "windows": tracker.windows}
+    # Rank-local data whose last windows differ in micro-steps (3 vs 2) on the two ranks.
+    other = mlp()
+    fully_shard(other, mesh=mesh)
+    data = samples(15) if rank == 0 else samples(13, seed=1)
+    batches = [tuple(t[i : i + 4] for t in data.tensors) for i in range(0, len(data), 4)]
+    try:
+        fit(other, batches, 10, loss_fn=ce, max_micro=2)
+    except DistributedError as err:
+        out["uneven_error"] = str(err)
+    return out
+
+
+def rank_local(rank: int) -> dict[str, Any]:
+    """Lists of batches, rank-local: rank 0 holds 4 windows, rank 1 only 3 (the last short)."""
+    data = samples(20) if rank == 0 else samples(14, seed=1)
+    batches = [tuple(t[i : i + 3] for t in data.tensors) for i in range(0, len(data), 3)]
+    model = mlp()
+    result = fit(model, batches, 10, loss_fn=ce, max_micro=2)
+    return {**summary(result), "params": params(model)}
 
 
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
@@ -191,6 +210,7 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "oom_on_rank0": oom_on_rank0,
     "plan_error_env": plan_error_env,
     "fsdp2": fsdp2,
+    "rank_local": rank_local,
 }
 
 
