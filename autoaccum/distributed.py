@@ -245,7 +245,8 @@ def drop_unsynced_grads(model: nn.Module) -> None:
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a DistributedDataParallel wrapper (or the module itself)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
+        inner: nn.Module = model.module
+        return inner
     return model
 
 

@@ -178,8 +178,15 @@ def fsdp2(rank: int) -> dict[str, Any]:
     dist.reduce_scatter_single = recording_reduce_scatter
     data = DataLoader(samples(26), batch_size=4)
     result = autoaccum.fit(
-        model, data, 10, loss_fn=ce, optimizer=optimizer, device="cpu", progress=False,
-        report=False, margin=0.0,
+        model,
+        data,
+        10,
+        loss_fn=ce,
+        optimizer=optimizer,
+        device="cpu",
+        progress=False,
+        report=False,
+        margin=0.0,
     )
     out = {**summary(result), "params": params(model), "windows": tracker.windows}
     # Rank-local data whose last windows differ in micro-steps (3 vs 2) on the two ranks.
