@@ -20,6 +20,7 @@ from autoaccum.plan import Plan, check_count, make_plan
 from autoaccum.precision import make_scaler, resolve_precision
 from autoaccum.probe import DEFAULT_MARGIN, check_model_optimizer, has_batchnorm, probe
 from autoaccum.progress import TrainProgress
+from autoaccum.recover import step_with_recovery
 from autoaccum.result import FitResult
 from autoaccum.search import ProbeResult
 from autoaccum.state import preserved_rng
@@ -216,7 +217,7 @@ def _train(
     if max_steps is not None:
         total = min(total, max_steps) if total is not None else max_steps
     losses: list[float] = []
-    samples_seen = skipped = epochs_started = 0
+    samples_seen = skipped = epochs_started = oom_retries = 0
     agree_windows = info.active and info.world_size > 1 and not stream.is_loader
     with TrainProgress(
         enabled=progress and info.is_main, total=total, plan_text=plan.describe()
@@ -226,12 +227,15 @@ def _train(
                 break
             epochs_started += 1
             windows = 0
-            for window in stream.windows(plan, epoch):
+            for window in stream.windows(plan, epoch):  # a plan shrunk by an OOM applies next epoch
                 steps = len(window.micro_batches)
                 if agree_windows and not D.agree_window(steps, stepper.model, info):
                     break
                 where = f"optimizer step {len(losses) + 1} (epoch {epoch}, window {window.index})"
-                outcome = stepper.step(window.micro_batches, where)
+                outcome, plan, retries = step_with_recovery(
+                    stepper, window.micro_batches, plan, where
+                )
+                oom_retries += retries
                 windows += 1
                 losses.append(outcome.loss)
                 samples_seen += outcome.samples
@@ -261,6 +265,7 @@ def _train(
         precision=stepper.precision,
         device=str(stepper.device),
         skipped_steps=skipped,
+        oom_retries=oom_retries,
     )
 
 

@@ -67,6 +67,7 @@ class Stepper:
     scheduler: Any = None
     max_grad_norm: float | None = None
     prefetch: bool = False  #: copy micro-batch i+1 while i computes (pinned host memory)
+    applying: bool = False  #: True while the optimizer step runs (the weights are changing)
 
     def step(self, micro_batches: Sequence[Any], where: str) -> WindowOutcome:
         """Train on one window; nothing of it reaches the weights unless all of it succeeded."""
@@ -77,6 +78,7 @@ class Stepper:
             raise
 
     def _step(self, micro_batches: Sequence[Any], where: str) -> WindowOutcome:
+        self.applying = False
         counts = [_count(self.count_fn, mb) for mb in micro_batches]
         totals = torch.tensor(
             [sum(counts), float(sum(batch_size(mb) for mb in micro_batches))], dtype=torch.float64
@@ -114,7 +116,9 @@ class Stepper:
         window_loss = float(loss_sum) / items
         if not math.isfinite(window_loss):
             raise NonFiniteLossError(self._non_finite_message(micro_losses, window_loss, where))
+        self.applying = True
         stepped = self._optimizer_step()
+        self.applying = False
         if stepped and self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

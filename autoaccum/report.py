@@ -316,6 +316,13 @@ def fit_renderable(result: FitResult) -> RenderableType:
             f"{result.device}"
         )
     )
+    if result.oom_retries:
+        parts.append(
+            Text(
+                f"ran out of memory {result.oom_retries}× during training: those windows were "
+                f"re-run smaller; the plan above is the one in force at the end"
+            )
+        )
     if result.memory is not None:  # the breakdown's "fixed" row lists the footprint
         parts.append(memory_report_renderable(result.memory))
         explained = breakdown(result.probe, result.plan, result.footprint or None, result.memory)

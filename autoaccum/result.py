@@ -32,6 +32,7 @@ class FitResult:
     precision: str  #: the resolved precision: "bf16", "fp16" or "fp32"
     device: str
     skipped_steps: int = 0  #: fp16 steps skipped by the GradScaler (inf/NaN gradients)
+    oom_retries: int = 0  #: windows re-run with a smaller micro-batch after running out of memory
     memory: MemoryReport | None = None  #: memory snapshot at the end of training
     footprint: dict[str, int] = field(default_factory=dict)  #: bytes of params/grads/optimizer
 
@@ -41,6 +42,7 @@ class FitResult:
             "probe": self.probe.to_dict() if self.probe is not None else None,
             "optimizer_steps": self.optimizer_steps,
             "skipped_steps": self.skipped_steps,
+            "oom_retries": self.oom_retries,
             "samples_seen": self.samples_seen,
             "losses": list(self.losses),
             "epochs": self.epochs,

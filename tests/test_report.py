@@ -244,3 +244,22 @@ def test_fit_report_without_memory_or_steps():
     assert "loss: no optimizer step was taken" in text
     assert "footprint: parameters 2.0 KiB" in text
     assert "buffers" not in text
+
+
+def test_fit_report_mentions_oom_retries() -> None:
+    from dataclasses import replace
+
+    from autoaccum.report import print_fit_report
+
+    result = autoaccum.fit(
+        torch.nn.Linear(4, 2),
+        [(torch.randn(8, 4), torch.randint(0, 2, (8,)))],
+        8,
+        max_micro=4,
+        device="cpu",
+        progress=False,
+        report=False,
+    )
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    print_fit_report(replace(result, oom_retries=2), console=console)
+    assert "ran out of memory 2× during training" in console.file.getvalue()  # type: ignore[attr-defined]
