@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 import torch
-from dist_workers.common import (
-    WORLD,
+from dist_workers.common import WORLD
+from helpers import mlp
+from reference import (
     ce,
-    mlp,
     reference,
     rel_diff,
     samples,

@@ -14,77 +14,26 @@ from typing import Any
 import pytest
 import torch
 from helpers import OOMAbove, mlp
+from reference import (
+    LR,
+    TOL,
+    Batch,
+    ce,
+    fit_sgd,
+    reference,
+    rel_diff,
+    samples,
+    token_ce,
+    token_model,
+    tokens,
+    windows_of,
+)
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import autoaccum
 from autoaccum.plan import make_plan
 from autoaccum.tree import split_batch
-
-TOL = 1e-10
-LR = 0.5
-Batch = tuple[torch.Tensor, ...]
-
-
-@torch.no_grad()
-def rel_diff(a: nn.Module, b: nn.Module) -> float:
-    pairs = list(zip(a.parameters(), b.parameters(), strict=True))
-    num = sum(float((p - q).norm() ** 2) for p, q in pairs)
-    den = sum(float(q.norm() ** 2) for _, q in pairs)
-    return math.sqrt(num / den)
-
-
-def samples(n: int, seed: int = 0) -> TensorDataset:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return TensorDataset(x, y)
-
-
-def tokens(n: int, length: int = 6, vocab: int = 11, seed: int = 0) -> TensorDataset:
-    """Sequences with 1..length target tokens each; the rest is ignored (-100)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, vocab, (n, length), generator=gen)
-    y = torch.randint(0, vocab, (n, length), generator=gen)
-    valid = torch.randint(1, length + 1, (n,), generator=gen)
-    y[torch.arange(length).expand(n, length) >= valid.unsqueeze(1)] = -100
-    return TensorDataset(x, y)
-
-
-def token_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Embedding(11, 4), nn.Tanh(), nn.Linear(4, 11)).to(torch.float64)
-
-
-def ce(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1])
-
-
-def token_ce(model: nn.Module, batch: Batch) -> torch.Tensor:
-    logits = model(batch[0])
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1), ignore_index=-100
-    )
-
-
-def windows_of(data: TensorDataset, target: int) -> list[Batch]:
-    return [tuple(t[i : i + target] for t in data.tensors) for i in range(0, len(data), target)]
-
-
-def reference(
-    model: nn.Module, windows: Sequence[Batch], loss: Callable[[nn.Module, Batch], torch.Tensor]
-) -> list[float]:
-    """Full-window SGD: one forward and backward over each whole window."""
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses = []
-    for window in windows:
-        value = loss(model, window)
-        value.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(value.item())
-    return losses
 
 
 def naive(
@@ -103,19 +52,6 @@ def naive(
             (loss(model, micro) / accum).backward()
         opt.step()
         opt.zero_grad()
-
-
-def fit_sgd(model: nn.Module, data: Any, target: int, **kwargs: Any) -> autoaccum.FitResult:
-    return autoaccum.fit(
-        model,
-        data,
-        target,
-        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-        device="cpu",
-        progress=False,
-        report=False,
-        **kwargs,
-    )
 
 
 @pytest.mark.parametrize(

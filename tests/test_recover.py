@@ -7,27 +7,13 @@ from typing import Any
 import pytest
 import torch
 from helpers import OOM, OOMAbove, mlp
-from test_exactness import LR, TOL, ce, reference, rel_diff, samples, tokens, windows_of
-from torch import nn
+from reference import LR, TOL, ce, fit_sgd, reference, rel_diff, samples, tokens, windows_of
 from torch.utils.data import DataLoader
 
 import autoaccum
 from autoaccum import NoBatchFitsError
 from autoaccum.plan import make_plan
 from autoaccum.recover import rechunk, shrink
-
-
-def fit_sgd(model: nn.Module, data: Any, target: int, **kwargs: Any) -> autoaccum.FitResult:
-    return autoaccum.fit(
-        model,
-        data,
-        target,
-        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-        device="cpu",
-        progress=False,
-        report=False,
-        **kwargs,
-    )
 
 
 def test_oom_in_training_shrinks_the_plan_and_stays_exact() -> None:

@@ -19,28 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers,
 
 import torch
 import torch.distributed as dist
+from helpers import mlp
+from reference import LR, ce, fit_sgd, samples, token_model, tokens
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import DataLoader
 
 import autoaccum
 from autoaccum.errors import DistributedError, PlanError
-from dist_workers.common import LR, WORLD, bn_mlp, ce, mlp, samples, token_model, tokens
+from dist_workers.common import WORLD, bn_mlp
 
 TIMEOUT = timedelta(seconds=30)
-
-
-def fit(model: nn.Module, data: Any, target: int, **kwargs: Any) -> autoaccum.FitResult:
-    return autoaccum.fit(
-        model,
-        data,
-        target,
-        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-        device="cpu",
-        progress=False,
-        report=False,
-        **kwargs,
-    )
 
 
 def params(model: nn.Module) -> list[torch.Tensor]:
@@ -92,7 +81,7 @@ def samples_env(rank: int) -> dict[str, Any]:
     """fit initialises the group from torchrun's variables and destroys it afterwards."""
     assert not dist.is_initialized()
     model = mlp()
-    result = fit(model, DataLoader(samples(26), batch_size=3), 10, loss_fn=ce, max_micro=2)
+    result = fit_sgd(model, DataLoader(samples(26), batch_size=3), 10, loss_fn=ce, max_micro=2)
     return {
         **summary(result),
         "params": params(model),
@@ -102,7 +91,7 @@ def samples_env(rank: int) -> dict[str, Any]:
 
 def tokens_(rank: int) -> dict[str, Any]:
     model = token_model()
-    result = fit(model, DataLoader(tokens(30), batch_size=4, shuffle=False), 14, max_micro=4)
+    result = fit_sgd(model, DataLoader(tokens(30), batch_size=4, shuffle=False), 14, max_micro=4)
     return {**summary(result), "params": params(model)}
 
 
@@ -135,17 +124,17 @@ def comm_hook(rank: int) -> dict[str, Any]:
 def oom_on_rank0(rank: int) -> dict[str, Any]:
     """Rank 0 runs out of memory above 3 samples, rank 1 never: the probe must agree."""
     model = mlp(limit=3 if rank == 0 else 10**9)
-    result = fit(model, DataLoader(samples(32), batch_size=8), 16, loss_fn=ce)
+    result = fit_sgd(model, DataLoader(samples(32), batch_size=8), 16, loss_fn=ce)
     # The same with a BatchNorm: DDP broadcasts buffers on each forward, so a rank that
     # skips a trial's forwards must not leave the other rank in a mismatched collective.
     bn = bn_mlp(limit=3 if rank == 0 else 10**9)
-    bn_result = fit(bn, DataLoader(samples(32), batch_size=8), 16, loss_fn=ce)
+    bn_result = fit_sgd(bn, DataLoader(samples(32), batch_size=8), 16, loss_fn=ce)
     return {**summary(result), "params": params(model), "bn": summary(bn_result)}
 
 
 def plan_error_env(rank: int) -> dict[str, Any]:
     try:
-        fit(mlp(), DataLoader(samples(8), batch_size=4), 15, loss_fn=ce)
+        fit_sgd(mlp(), DataLoader(samples(8), batch_size=4), 15, loss_fn=ce)
     except PlanError as err:
         return {"error": str(err), "group_left_behind": dist.is_initialized()}
     raise AssertionError("fit accepted target_batch=15 on 2 ranks")
@@ -195,7 +184,7 @@ def fsdp2(rank: int) -> dict[str, Any]:
     data = samples(15) if rank == 0 else samples(13, seed=1)
     batches = [tuple(t[i : i + 4] for t in data.tensors) for i in range(0, len(data), 4)]
     try:
-        fit(other, batches, 10, loss_fn=ce, max_micro=2)
+        fit_sgd(other, batches, 10, loss_fn=ce, max_micro=2)
     except DistributedError as err:
         out["uneven_error"] = str(err)
     return out
@@ -206,7 +195,7 @@ def rank_local(rank: int) -> dict[str, Any]:
     data = samples(20) if rank == 0 else samples(14, seed=1)
     batches = [tuple(t[i : i + 3] for t in data.tensors) for i in range(0, len(data), 3)]
     model = mlp()
-    result = fit(model, batches, 10, loss_fn=ce, max_micro=2)
+    result = fit_sgd(model, batches, 10, loss_fn=ce, max_micro=2)
     return {**summary(result), "params": params(model)}
 
 
