@@ -216,6 +216,21 @@ def is_fsdp2(model: nn.Module) -> bool:
     return bool(_fsdp2_modules(model))
 
 
+def fill_sharded_grads(model: nn.Module) -> None:
+    """Give FSDP2's sharded parameters zero gradients where they have none.
+
+    Probe trials never reduce-scatter (a collective could hang when one rank runs out of
+    memory), so the sharded parameters get no gradient and a trial's optimizer step would
+    create no optimizer state. Zero local shards cost what training's reduced gradients
+    cost and let the step allocate the state training will hold; no collective runs.
+    """
+    if not is_fsdp2(model):
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
+
+
 def drop_unsynced_grads(model: nn.Module) -> None:
     """Forget the gradients FSDP2 accumulates, unsharded, under ``gradient_sync(False)``.
 

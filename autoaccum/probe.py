@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoaccum.distributed import drop_unsynced_grads, gradient_sync
+from autoaccum.distributed import drop_unsynced_grads, fill_sharded_grads, gradient_sync
 from autoaccum.errors import BatchError, ConfigError
 from autoaccum.footprint import footprint
 from autoaccum.losses import LossFn
@@ -163,6 +163,7 @@ def probe(
                     loss = check_loss(loss_fn(model, micro), f"probe trial at micro-batch {size}")
                 loss.backward()  # type: ignore[no-untyped-call]
             del loss
+        fill_sharded_grads(model)
         optimizer.step()
 
     def cleanup() -> None:

@@ -238,3 +238,6 @@ def test_fsdp2_fully_shard_trains_exactly_with_one_reduce_scatter_per_window(
         assert w0 == w1 == [*full, ("step", 2)]
         assert w2 == [("reduce_scatter", 1), ("reduce_scatter", 1), ("step", 1)]  # 3 = (3,)
         assert "windows have 2 to 3 micro-batches" in out["uneven_error"]
+        # AdamW's two moments, sharded: the trials allocated them although nothing reduced
+        assert out["probe_fixed"]["optimizer_state"] >= out["probe_fixed"]["parameters"]
+        assert out["adam_state_after_probe"] == 0  # and the probe put the optimizer back

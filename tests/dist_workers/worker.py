@@ -178,6 +178,13 @@ def fsdp2(rank: int) -> dict[str, Any]:
         margin=0.0,
     )
     out = {**summary(result), "params": params(model), "windows": tracker.windows}
+    # The probe's trials never reduce-scatter, yet their optimizer step must allocate state.
+    adam_model = mlp(limit=3)
+    fully_shard(adam_model, mesh=mesh)
+    adam = torch.optim.AdamW(adam_model.parameters())
+    found = autoaccum.probe(adam_model, (samples(4).tensors), loss_fn=ce, optimizer=adam, upper=8)
+    out["probe_fixed"] = dict(found.fixed_bytes)
+    out["adam_state_after_probe"] = len(adam.state)
     # Rank-local data whose last windows differ in micro-steps (3 vs 2) on the two ranks.
     other = mlp()
     fully_shard(other, mesh=mesh)
