@@ -188,7 +188,6 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     import torch
 
     from autoaccum.breakdown import breakdown
-    from autoaccum.footprint import footprint
     from autoaccum.losses import default_loss
     from autoaccum.memory import memory_report
     from autoaccum.plan import make_plan
@@ -213,9 +212,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         device=dev,
     )
     plan = make_plan(args.target_batch, result.micro_batch)
-    parts = footprint(model, optimizer)
     report = memory_report(dev)
-    explained = breakdown(result, plan, parts, report)
+    # the probe measured the fixed memory while its trials' optimizer state existed; the
+    # optimizer is back to empty now, so a footprint taken here would miss that state
+    explained = breakdown(result, plan, None, report)
     if args.json:
         _print_json(
             {

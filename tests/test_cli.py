@@ -88,6 +88,7 @@ def test_probe_prints_trials_plan_and_breakdown(capsys: pytest.CaptureFixture[st
     assert main(["probe", "cli_factory:make", "--target-batch", "16", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Probe on cpu" in out
+    assert "optimizer state 3.0 KiB" in out  # AdamW's moments, as the trials allocated them
     assert out.count("✓") == 5  # sizes 1, 2, 4, 8, 16
     assert "largest that fit: 16" in out
     assert "Plan: target_batch 16 = 16 × 1 (accum_iter 1) × 1 rank" in out
