@@ -137,6 +137,10 @@ def fit(
     means AdamW over the model's parameters; ``scheduler`` steps once per optimizer step.
     Under ``torchrun`` (or an initialised process group) ``target_batch`` is the global
     batch over all ranks and the model is wrapped in DistributedDataParallel.
+
+    A single-process run that still runs out of memory mid-training re-runs that window
+    with a 10% smaller micro-batch (nothing of it had reached the weights) and keeps the
+    smaller plan; see :mod:`autoaccum.recover`.
     """
     _check_args(model, target_batch, epochs, max_steps, max_micro, max_grad_norm, loss_fn, count_fn)
     started = time.perf_counter()
