@@ -1,4 +1,5 @@
-"""The code base stays lint-clean (ruff, with the rules in pyproject.toml)."""
+"""The code base stays lint-clean (ruff) and type-clean (mypy --strict), as configured in
+pyproject.toml, and importing it does nothing."""
 
 from __future__ import annotations
 
@@ -12,14 +13,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(
-    shutil.which("ruff") is None and not (ROOT / ".venv/bin/ruff").exists(),
-    reason="ruff not installed",
-)
+def tool(name: str) -> str:
+    """The tool installed beside this Python (the project's venv), else one on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (pip install -e '.[dev]')")
+    return found
+
+
 def test_ruff_clean() -> None:
-    ruff = shutil.which("ruff") or str(ROOT / ".venv/bin/ruff")
     proc = subprocess.run(
-        [ruff, "check", "autoaccum", "tests", "benchmarks"],
+        [tool("ruff"), "check", "autoaccum", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_strict_clean(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [tool("mypy"), "--cache-dir", str(tmp_path / "cache")],
         cwd=ROOT,
         capture_output=True,
         text=True,
