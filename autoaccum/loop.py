@@ -104,6 +104,8 @@ class Stepper:
             with gradient_sync(self.model, enabled=i == last):
                 with autocast(self.precision, self.device):
                     loss = check_loss(self.loss_fn(self.model, batch), where)
+                if loss.dtype in (torch.float16, torch.bfloat16):
+                    loss = loss.float()  # weight in fp32: bf16 has 8 bits of mantissa
                 weighted = loss * (count * world / items)
                 self.scaler.scale(weighted).backward()  # type: ignore[no-untyped-call]
             detached = loss.detach().to(acc_dtype)
@@ -120,7 +122,10 @@ class Stepper:
         stepped = self._optimizer_step()
         self.applying = False
         if stepped and self.scheduler is not None:
-            self.scheduler.step()
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(window_loss)  # it steps on a metric: the window loss
+            else:
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return WindowOutcome(window_loss, items, samples, stepped)
 

@@ -188,3 +188,34 @@ def test_zero_count_micro_batch_contributes_nothing() -> None:
     reference_step(ref, (x[keep], y[keep]))
     for p, q in zip(weighted.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_reduce_lr_on_plateau_steps_on_the_window_loss() -> None:
+    model = mlp()
+    step = stepper(model)
+    step.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        step.optimizer, patience=0, factor=0.5, threshold=10.0
+    )
+    for _ in range(3):  # a loss that does not fall by 1000% is a plateau: lr halves
+        step.step(split_batch(data(), [5, 5]), "test")
+    assert step.optimizer.param_groups[0]["lr"] < LR
+
+
+def test_half_precision_loss_is_weighted_in_fp32() -> None:
+    seen: list[torch.dtype] = []
+    model = mlp().float()
+
+    def bf16_loss(m: nn.Module, b: Any) -> torch.Tensor:
+        return F.cross_entropy(m(b[0].float()), b[1]).to(torch.bfloat16)
+
+    original = torch.Tensor.backward
+
+    def spy(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(self.dtype)
+        return original(self, *args, **kwargs)
+
+    step = stepper(model, loss_fn=bf16_loss)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "backward", spy)
+        step.step(split_batch(data(), [4, 3, 3]), "test")
+    assert seen == [torch.float32] * 3
