@@ -77,7 +77,7 @@ def _plan(
     device: torch.device,
 ) -> tuple[Plan, ProbeResult | None]:
     world = info.world_size
-    per_rank = make_plan(target_batch, 1, world).per_rank  # PlanError before any work
+    per_rank = target_batch // world  # fit() has checked that it divides
     if max_micro is not None:
         return make_plan(target_batch, min(max_micro, per_rank), world), None
 
