@@ -29,10 +29,6 @@ from autoaccum.tree import batch_size
 __all__ = ["fit"]
 
 
-def _resolve_device(device: torch.device | str | None, info: D.DistInfo) -> torch.device:
-    return D.select_device(device, info)
-
-
 def _check_args(
     model: object,
     target_batch: object,
@@ -148,7 +144,7 @@ def fit(
     created_group = D.init_from_env(guess)
     try:
         info = D.current()
-        dev = _resolve_device(device, info)
+        dev = D.select_device(device, info)
         prec = resolve_precision(precision, dev)
         model.to(dev)
         if optimizer is None:
