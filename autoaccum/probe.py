@@ -41,6 +41,13 @@ __all__ = [
 DEFAULT_MARGIN = 0.02
 
 
+def _check_margin(margin: float) -> None:
+    if not 0.0 <= margin < 0.5:
+        raise ConfigError(
+            f"margin must be in [0, 0.5), got {margin}; the default is {DEFAULT_MARGIN}"
+        )
+
+
 def apply_margin(max_batch: int, *, margin: float, hit_limit: bool, lower: int = 1) -> int:
     """The micro-batch to train with: ``max_batch − max(1, ⌈margin · max_batch⌉)``.
 
@@ -56,10 +63,7 @@ def apply_margin(max_batch: int, *, margin: float, hit_limit: bool, lower: int =
     ≥ 95% of the stable maximum for any size (15 of 16, 1826 of 1863). No margin is
     taken when every size up to ``upper`` fitted: the size was not memory-bound.
     """
-    if not 0.0 <= margin < 0.5:
-        raise ConfigError(
-            f"margin must be in [0, 0.5), got {margin}; the default is {DEFAULT_MARGIN}"
-        )
+    _check_margin(margin)
     if not hit_limit or margin == 0.0:
         return max_batch
     return max(lower, max_batch - max(1, math.ceil(margin * max_batch)))
@@ -138,7 +142,7 @@ def probe(
     check_count("upper", upper)
     check_count("lower", lower)
     check_count("steps", steps)
-    apply_margin(1, margin=margin, hit_limit=False)  # validates margin before any work
+    _check_margin(margin)  # before any work
     check_model_optimizer(model, optimizer)
     if not callable(loss_fn):
         raise ConfigError(f"loss_fn must be callable as loss_fn(model, batch); got {loss_fn!r}")

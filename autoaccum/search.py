@@ -85,9 +85,8 @@ class ProbeResult:
         }
 
 
-def max_trials(upper: int, lower: int = 1) -> int:
-    """The most trials :func:`search_max_batch` runs: 2⌈log2(upper)⌉ + 1."""
-    del lower  # the bound holds for any lower ≥ 1
+def max_trials(upper: int) -> int:
+    """The most trials :func:`search_max_batch` runs, whatever ``lower``: 2⌈log2(upper)⌉ + 1."""
     return 2 * math.ceil(math.log2(upper)) + 1 if upper > 1 else 1
 
 
