@@ -98,13 +98,16 @@ def cuda_initialized() -> bool:
     return bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
 
 
-def free_memory(device: torch.device | None = None) -> None:
+def free_memory(device: torch.device | None = None, *, collect: bool = True) -> None:
     """Return cached, unreferenced memory to the device after a failed or finished trial.
 
     Call it *outside* any ``except`` block: while an exception is being handled its
-    traceback pins the failed frames and every tensor they reference.
+    traceback pins the failed frames and every tensor they reference. ``collect`` runs
+    a full garbage collection first (about 0.15 s in a process with torch loaded), which
+    frees tensors held only by reference cycles.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     kind = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda" and cuda_initialized():
         torch.cuda.synchronize(device)

@@ -11,12 +11,13 @@ and cached device memory is returned.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from autoaccum.breakdown import fit_activation
 from autoaccum.distributed import drop_unsynced_grads, fill_sharded_grads, gradient_sync
 from autoaccum.errors import BatchError, ConfigError
 from autoaccum.footprint import footprint
@@ -30,6 +31,7 @@ from autoaccum.tree import batch_size, resize_batch, to_device
 
 __all__ = [
     "DEFAULT_MARGIN",
+    "Headroom",
     "apply_margin",
     "check_loss",
     "check_model_optimizer",
@@ -37,7 +39,8 @@ __all__ = [
     "probe",
 ]
 
-#: Fraction of the largest size that passed which :func:`probe` gives up for safety.
+#: Share of the device's memory :func:`probe` keeps spare at the chosen size (see
+#: :func:`apply_margin`; a share of the samples where memory is not measured).
 DEFAULT_MARGIN = 0.02
 
 
@@ -48,25 +51,62 @@ def _check_margin(margin: float) -> None:
         )
 
 
-def apply_margin(max_batch: int, *, margin: float, hit_limit: bool, lower: int = 1) -> int:
-    """The micro-batch to train with: ``max_batch − max(1, ⌈margin · max_batch⌉)``.
+def apply_margin(
+    max_batch: int,
+    *,
+    margin: float,
+    hit_limit: bool,
+    lower: int = 1,
+    headroom: Headroom | None = None,
+) -> int:
+    """The micro-batch to train with: ``max_batch`` less what keeps ``margin`` spare.
 
     Why a margin at all: a size that passes a few trial steps in the probing process
     can still run out of memory in a long run started afresh. The caching allocator's
     layout differs (a fresh process fragments differently from one that has just
     freed larger trials), cuBLAS/cuDNN workspaces and autotuned kernels differ, and
-    long runs see rare peaks. Measured on an H100 with torch 2.11: GPT-2 small under
-    a 24 GiB cap passed 16 in-process but failed 16 fresh (15 stable); ResNet-50
-    passed 1863 and failed it fresh (1860 stable). Those variations scale with the
-    activation memory, hence a fraction; at least one sample, since below a few dozen
-    samples one sample is already several percent of memory. 2% keeps the choice at
-    ≥ 95% of the stable maximum for any size (15 of 16, 1826 of 1863). No margin is
-    taken when every size up to ``upper`` fitted: the size was not memory-bound.
+    long runs see rare peaks. On the issue's H100 reference runs (torch 2.11) ResNet-50
+    passed 1863 in-process and failed it fresh (1860 stable). Those variations scale
+    with memory, so the margin is a share of the device's memory:
+
+    * where the probe measured memory (``headroom``: CUDA), the size keeps at least
+      ``margin`` of the device limit unreserved at its peak. ``max_batch`` is kept when
+      its own peak already left that much; otherwise just enough samples are dropped
+      (at least one), at the measured bytes per sample;
+    * elsewhere, ``max(1, ⌈margin · max_batch⌉)`` samples are dropped, the same share
+      counted in samples.
+
+    No margin is taken when every size up to ``upper`` fitted: the size was not
+    memory-bound.
     """
     _check_margin(margin)
     if not hit_limit or margin == 0.0:
         return max_batch
+    if headroom is not None:
+        wanted = margin * headroom.limit - (headroom.limit - headroom.peak)
+        if wanted <= 0:
+            return max_batch
+        return max(lower, max_batch - max(1, math.ceil(wanted / headroom.per_sample)))
     return max(lower, max_batch - max(1, math.ceil(margin * max_batch)))
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """What the probe measured at its largest passing size, for :func:`apply_margin`."""
+
+    limit: int  #: bytes the process may hold on the device
+    peak: int  #: bytes reserved at the peak of the largest passing trial
+    per_sample: float  #: bytes each sample adds (least squares over the passing trials)
+
+    @classmethod
+    def of(cls, found: ProbeResult) -> Headroom | None:
+        """``None`` where memory was not measured or one size alone passed."""
+        fit = fit_activation(found)
+        top = [t for t in found.trials if t.fits and t.size == found.max_batch]
+        if found.limit_bytes is None or fit is None or fit.per_sample <= 0 or not top:
+            return None
+        peak = top[-1].peak_reserved
+        return None if peak is None else cls(found.limit_bytes, peak, fit.per_sample)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -186,5 +226,11 @@ def probe(
         restore(model, optimizer, saved)
         del saved
         free_memory(dev)
-    chosen = apply_margin(found.max_batch, margin=margin, hit_limit=found.hit_limit, lower=lower)
+    chosen = apply_margin(
+        found.max_batch,
+        margin=margin,
+        hit_limit=found.hit_limit,
+        lower=lower,
+        headroom=Headroom.of(found),
+    )
     return replace(found, micro_batch=chosen, margin=margin, fixed_bytes=fixed)

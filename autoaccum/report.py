@@ -172,6 +172,8 @@ def probe_renderable(probe: ProbeResult) -> RenderableType:
         margin = f"less a {probe.margin:.0%} margin"
     elif probe.margin and not probe.hit_limit:
         margin = "no margin: nothing ran out of memory"
+    elif probe.margin:
+        margin = f"no margin needed: {probe.margin:.0%} of memory already spare"
     else:
         margin = "no margin"
     summary = (

@@ -10,10 +10,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from autoaccum.errors import ConfigError, NoBatchFitsError
+from autoaccum.meter import Meter, meter_for
 from autoaccum.oom import free_memory, oom_kind
 from autoaccum.plan import check_count
 
-__all__ = ["ProbeResult", "Trial", "TrialRecord", "max_trials", "search_max_batch"]
+__all__ = [
+    "ProbeResult",
+    "Trial",
+    "TrialRecord",
+    "max_trials",
+    "predict_fit",
+    "search_max_batch",
+]
 
 #: ``trial(size)`` runs one real training trial at micro-batch ``size``; it raises on OOM.
 Trial = Callable[[int], object]
@@ -55,6 +63,7 @@ class ProbeResult:
     device: str = "cpu"
     baseline_allocated: int | None = None  #: bytes allocated before the first trial (CUDA)
     fixed_bytes: dict[str, int] = field(default_factory=dict)  #: params/grads/optimizer state
+    limit_bytes: int | None = None  #: bytes this process may hold on the device (measured)
 
     @property
     def hit_limit(self) -> bool:
@@ -81,17 +90,24 @@ class ProbeResult:
             "seconds": self.seconds,
             "baseline_allocated": self.baseline_allocated,
             "fixed_bytes": dict(self.fixed_bytes),
+            "limit_bytes": self.limit_bytes,
             "trials": [t.to_dict() for t in self.trials],
         }
 
 
-def max_trials(upper: int) -> int:
-    """The most trials :func:`search_max_batch` runs, whatever ``lower``: 2⌈log2(upper)⌉ + 1."""
-    return 2 * math.ceil(math.log2(upper)) + 1 if upper > 1 else 1
+#: Memory-guided jumps aim at this share of the device limit, a little under it, and the
+#: search then climbs the last steps: a jump that lands just below the limit costs one
+#: trial, one that overshoots costs a bisection.
+AIM = 0.96
+#: At most this many memory-guided jumps per search; the rest is galloping and bisection.
+MAX_JUMPS = 3
 
 
-def _alloc_retries(device: torch.device) -> int:
-    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
+def max_trials(upper: int, *, guided: bool = False) -> int:
+    """The most trials :func:`search_max_batch` runs, whatever ``lower``: 2⌈log2(upper)⌉ + 1,
+    and ``MAX_JUMPS + 2`` more when memory readings guide it."""
+    base = 2 * math.ceil(math.log2(upper)) + 1 if upper > 1 else 1
+    return base + MAX_JUMPS + 2 if guided else base
 
 
 def _run_trial(
@@ -108,6 +124,64 @@ def _run_trial(
     return True, None
 
 
+def predict_fit(records: list[TrialRecord], budget: float) -> int | None:
+    """The largest size whose peak of live tensors stays within ``budget`` bytes,
+    extrapolated along the line through the two largest trials that fitted; ``None``
+    without two readings.
+
+    Live (allocated) bytes, not reserved ones: they grow in proportion to the batch,
+    while the allocator's reserve saturates near the limit as it recycles its cache.
+    """
+    peaks = {r.size: r.peak_allocated for r in records if r.fits and r.peak_allocated is not None}
+    if len(peaks) < 2:
+        return None
+    (s1, m1), (s2, m2) = sorted(peaks.items())[-2:]
+    slope = (m2 - m1) / (s2 - s1)
+    if slope <= 0:
+        return None
+    return s2 + math.floor((budget - m2) / slope)
+
+
+class _Steps:
+    """Chooses the next size: exponential growth (memory-guided where readings allow),
+    then bisection between the largest size that fitted and the smallest that did not."""
+
+    def __init__(self, lower: int, upper: int, limit: float | None) -> None:
+        self.upper = upper
+        #: a jump aims first a little under the limit, then (from there) at the limit
+        self.budgets = (AIM * limit, limit) if limit is not None else ()
+        self.lo = 0  #: the largest size that fitted so far
+        self.hi: int | None = None  #: the smallest size that did not
+        self.jumps = 0
+        self.stride = 1  #: the gallop's next stride once no jump is left to make
+        self.next = lower
+
+    def done(self) -> bool:
+        return self.lo >= self.upper or (self.hi is not None and self.hi - self.lo <= 1)
+
+    def advance(self, size: int, fits: bool, records: list[TrialRecord]) -> None:
+        if fits:
+            self.lo = size
+        else:
+            self.hi = size
+        if self.done():
+            return
+        if self.hi is not None:
+            self.next = (self.lo + self.hi) // 2
+            return
+        guesses = [predict_fit(records, budget) for budget in self.budgets]
+        if not guesses or guesses[0] is None:  # nothing measured yet: double
+            self.next = min(2 * self.lo, self.upper)
+            return
+        ahead = [g for g in guesses if g is not None and g > self.lo]
+        if ahead and self.jumps < MAX_JUMPS:
+            self.jumps += 1
+            self.next = min(ahead[0], self.upper)
+        else:  # at the predicted limit already: gallop up by 1, 2, 4, … samples
+            self.next = min(self.lo + self.stride, self.upper)
+            self.stride *= 2
+
+
 def search_max_batch(
     trial: Trial,
     upper: int,
@@ -116,19 +190,32 @@ def search_max_batch(
     device: torch.device | str | None = None,
     agree: Agree | None = None,
     cleanup: Callable[[], None] | None = None,
+    meter: Meter | None = None,
 ) -> ProbeResult:
     """The exact largest size in ``[lower, upper]`` for which ``trial(size)`` fits.
 
     Sizes grow exponentially from ``lower`` (``lower, 2·lower, 4·lower, …``, capped at
     ``upper``) until a trial runs out of memory, then bisect between the last size that
-    passed and the first that failed: at most ``2⌈log2(upper)⌉ + 1`` trials, never one
-    above ``upper``. It assumes that memory grows with size (a size above one that failed
-    would fail too).
+    passed and the first that failed. It assumes that memory grows with size (a size
+    above one that failed would fail too).
+
+    Where the device reports memory (a :class:`~autoaccum.meter.Meter`; on CUDA one is
+    made for ``device``), each trial's peaks are recorded and the growth is *guided*:
+    once two sizes have fitted, the line through their peaks (:func:`predict_fit`) predicts the size
+    that fills :data:`AIM` of the device's limit and the search jumps there; from a size
+    already past that aim, it jumps to the size predicted to fill the limit itself (at
+    most :data:`MAX_JUMPS` jumps in all), then gallops up 1, 2, 4, … samples to the first
+    failure and bisects. The result is the same exact maximum in fewer trials, most of
+    them cheap. H100 readings under a 24 GiB cap, replayed in the tests: GPT-2 small
+    1, 2, 16, 26, 21, 23, 22 instead of 1, 2, 4, 8, 16, 32, 24, 20, 22, 23; ResNet-50
+    10 trials instead of 19.
+    Guidance is off in a distributed search (``agree`` given): ranks' readings differ,
+    and every rank must try the same sizes. At most :func:`max_trials` trials.
 
     Out-of-memory errors are recognised by :func:`autoaccum.is_oom`; any other error
-    propagates. Memory is recovered (``cleanup()``, then cached blocks freed) after every
-    trial, outside the ``except`` block, and no exception object is kept. On CUDA each
-    trial's peak memory is recorded (the device's peak statistics are reset per trial).
+    propagates. Memory is recovered after every trial (``cleanup()``, then cached blocks
+    freed), outside the ``except`` block, and no exception object is kept; a garbage
+    collection runs only when a failed trial left more allocated than before it.
 
     ``agree`` makes all ranks of a distributed job take the same branch: it receives this
     rank's "ran out of memory" flag and returns whether any rank did.
@@ -140,67 +227,71 @@ def search_max_batch(
             f"upper ({upper}) is smaller than lower ({lower}); the search needs lower ≤ upper"
         )
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    measure = dev.type == "cuda" and torch.cuda.is_available()
-    if measure:
-        free_memory(dev)
-    baseline = torch.cuda.memory_allocated(dev) if measure else None
+    if dev.type != "cpu":
+        free_memory(dev)  # the limit and the baseline are read with the cache emptied
+    if meter is None:
+        meter = meter_for(dev)
+    baseline = meter.allocated() if meter is not None else None
+    settled = baseline  # live bytes after the last trial that fitted
     records: list[TrialRecord] = []
+    guided = meter is not None and agree is None
+    steps = _Steps(lower, upper, meter.limit if guided and meter is not None else None)
 
     def attempt(size: int) -> bool:
+        nonlocal settled
         passed_before = any(r.fits for r in records)
-        if measure:
-            torch.cuda.reset_peak_memory_stats(dev)
-            retries_before = _alloc_retries(dev)
+        if meter is not None:
+            meter.start()
         start = time.perf_counter()
         fits, failure = _run_trial(trial, size, dev, may_limit=passed_before)
-        if measure:
-            torch.cuda.synchronize(dev)
+        reading = meter.stop() if meter is not None else None
         seconds = time.perf_counter() - start
-        peak_alloc = torch.cuda.max_memory_allocated(dev) if measure else None
-        peak_res = torch.cuda.max_memory_reserved(dev) if measure else None
-        retries = _alloc_retries(dev) - retries_before if measure else None
         if cleanup is not None:
             cleanup()
-        if not fits or measure:
-            free_memory(dev)
+        if meter is None:
+            if not fits:
+                free_memory(dev)
+        else:
+            # A failed trial's frames are gone by reference counting unless a cycle holds
+            # them: pay for a full collection only when memory says something is held.
+            leaked = not fits and settled is not None and meter.allocated() > settled
+            free_memory(dev, collect=leaked)
+            if fits:
+                settled = meter.allocated()
         if agree is not None:
             any_failed = agree(not fits)
             if any_failed and fits:
                 fits, failure = False, "oom (another rank)"
-        records.append(TrialRecord(size, fits, seconds, peak_alloc, peak_res, retries, failure))
+        records.append(
+            TrialRecord(
+                size,
+                fits,
+                seconds,
+                reading.peak_allocated if reading else None,
+                reading.peak_reserved if reading else None,
+                reading.alloc_retries if reading else None,
+                failure,
+            )
+        )
         return fits
 
-    size = lower
-    best = 0
-    first_fail: int | None = None
     while True:
-        if attempt(size):
-            best = size
-            if size >= upper:
-                break
-            size = min(size * 2, upper)
-        else:
-            first_fail = size
+        size = steps.next
+        fits = attempt(size)
+        if not fits and steps.lo == 0:
+            raise NoBatchFitsError(_nothing_fits_message(lower, dev, records))
+        steps.advance(size, fits, records)
+        if steps.done():
             break
-    if best == 0:
-        raise NoBatchFitsError(_nothing_fits_message(lower, dev, records))
-    if first_fail is not None:
-        lo, hi = best, first_fail
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if attempt(mid):
-                lo = mid
-            else:
-                hi = mid
-        best = lo
     return ProbeResult(
-        max_batch=best,
-        micro_batch=best,
+        max_batch=steps.lo,
+        micro_batch=steps.lo,
         trials=tuple(records),
         lower=lower,
         upper=upper,
         device=str(dev),
         baseline_allocated=baseline,
+        limit_bytes=meter.limit if meter is not None else None,
     )
 
 

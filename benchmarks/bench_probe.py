@@ -118,7 +118,8 @@ def stable_search(
             return None
         cmd = [
             "--workload", workload, "--cap", cap, "--size", str(size),
-            "--steps", str(args.fresh_steps), *(["--tiny"] if args.tiny else []),
+            "--steps", str(args.fresh_steps), "--accum", str(args.fresh_accum),
+            *(["--tiny"] if args.tiny else []),
         ]  # fmt: skip
         out = run_worker("benchmarks.fresh_run", cmd, min(args.fresh_timeout, left))
         record: dict[str, Any] = {"size": size, "rc": out.rc, "process_seconds": out.seconds}
@@ -213,6 +214,8 @@ def overall(settings: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 def render(data: dict[str, Any]) -> str:
     n = data["config"]["fresh_steps"]
+    accum = data["config"].get("fresh_accum", 1)
+    n_desc = f"{n} steps × {accum} micro" if accum > 1 else f"{n} steps"
     rows: list[list[Any]] = []
     for s in data["workloads"]:
         for tool, r in s["tools"].items():
@@ -246,7 +249,7 @@ def render(data: dict[str, Any]) -> str:
             "max in-process",
             "seconds",
             "trials",
-            f"survives {n} fresh",
+            f"survives {n_desc} fresh",
         ],
         rows,
     )
@@ -273,7 +276,7 @@ def render(data: dict[str, Any]) -> str:
     stable_table = md_table(
         [
             "workload",
-            f"stable max ({n} steps fresh)",
+            f"stable max ({n_desc} fresh)",
             "fresh runs",
             "autoaccum / stable (≥95%)",
             "survives fresh",
@@ -295,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(p)
     p.add_argument("--tools", type=lambda v: v.split(","), default=list(TOOLS))
     p.add_argument("--fresh-steps", type=int, default=50, help="steps a fresh run must survive")
+    p.add_argument(
+        "--fresh-accum",
+        type=int,
+        default=2,
+        help="micro-batches per step in a fresh run (the size is used to accumulate)",
+    )
     p.add_argument("--max-fresh-runs", type=int, default=8, help="fresh runs per workload, at most")
     p.add_argument("--tool-timeout", type=float, default=300.0, help="seconds per tool process")
     p.add_argument("--fresh-timeout", type=float, default=300.0, help="seconds per fresh run")
@@ -332,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             "caps": args.caps,
             "tools": args.tools,
             "fresh_steps": args.fresh_steps,
+            "fresh_accum": args.fresh_accum,
             "max_fresh_runs": args.max_fresh_runs,
             "steps_per_trial_peers": 3,
         },

@@ -128,10 +128,11 @@ def apply_cap(cap: str, device: torch.device) -> None:
     cap_bytes = CAPS[cap]
     if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     # "uncapped" sets the fraction back to 1: one process may measure several caps in turn.
     fraction = 1.0 if cap_bytes is None else min(1.0, cap_bytes / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)  # needs an index
 
 
 def configure_threads(tiny: bool) -> None:

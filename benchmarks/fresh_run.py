@@ -1,4 +1,5 @@
-"""Worker: train ``--steps`` optimizer steps at micro-batch ``--size`` in this fresh process.
+"""Worker: train ``--steps`` optimizer steps at micro-batch ``--size`` in this fresh process,
+each step accumulating ``--accum`` micro-batches (default 2: how the size is used).
 
 Exit status 0 when every step ran, 3 when it ran out of memory, 1 on any other error;
 the marked JSON line on stdout says the same with timings and peak memory. Used by
@@ -37,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap", choices=list(CAPS), required=True)
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument(
+        "--accum",
+        type=int,
+        default=2,
+        help="micro-batches per optimizer step: the size is used to accumulate, so gradients "
+        "are resident during every micro-batch after the first, as in the probe's trials",
+    )
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args(argv)
 
@@ -44,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.tiny)
     apply_cap(args.cap, device)
     wl = get_workload(args.workload, args.tiny)
-    result: dict[str, object] = {"size": args.size, "steps": args.steps}
+    result: dict[str, object] = {"size": args.size, "steps": args.steps, "accum": args.accum}
     done = 0
     start = time.perf_counter()
     failed: str | None = None
@@ -55,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         batch = wl.make_batch(args.size, device, 1)
         reset_peak(device)
         for _ in range(args.steps):
-            hand_window(model, optimizer, wl.loss_fn, [batch], wl.precision(device), device)
+            window = [batch] * args.accum
+            hand_window(model, optimizer, wl.loss_fn, window, wl.precision(device), device)
             done += 1
         sync(device)
     except Exception as exc:

@@ -78,6 +78,9 @@ def run_autoaccum(wl: Workload, cap: str, device: torch.device) -> dict[str, Any
         "sizes": [t.size for t in found.trials],
         "fits": [t.fits for t in found.trials],
         "first_fail": min((t.size for t in found.trials if not t.fits), default=None),
+        # where the time and memory went, trial by trial (the search's own records)
+        "trial_records": [t.to_dict() for t in found.trials],
+        "trial_seconds": sum(t.seconds for t in found.trials),
     }
 
 

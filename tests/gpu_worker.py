@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--micro", type=int, required=True)
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())  # the cap needs an index
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, device)
     model, opt = workload(device)

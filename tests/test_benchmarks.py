@@ -64,7 +64,7 @@ def test_bench_probe_tiny(tmp_path: Path) -> None:
         *("--fresh-steps", "2"),
     )
     assert "| workload | tool | micro-batch" in proc.stdout
-    assert "stable max (2 steps fresh)" in proc.stdout
+    assert "stable max (2 steps × 2 micro fresh)" in proc.stdout
     data = load(tmp_path / "bench_probe.json")
     assert {"bench", "env", "config", "workloads", "targets"} <= data.keys()
     assert data["bench"] == "probe"
@@ -170,7 +170,13 @@ def fake_fresh(monkeypatch: pytest.MonkeyPatch, stable: int) -> list[int]:
 
 
 def probe_args(**kw: Any) -> Namespace:
-    base = {"fresh_steps": 50, "max_fresh_runs": 8, "deadline": None, "tiny": True}
+    base = {
+        "fresh_steps": 50,
+        "fresh_accum": 2,
+        "max_fresh_runs": 8,
+        "deadline": None,
+        "tiny": True,
+    }
     return Namespace(**{**base, "fresh_timeout": 60.0, **kw})
 
 

@@ -26,11 +26,13 @@ pytestmark = [
 CAP_GIB = 2.0
 UPPER = 2**17
 WORKER = Path(__file__).with_name("gpu_worker.py")
+#: subprocesses import autoaccum from this checkout and gpu_worker from tests/, installed or not
+PYTHONPATH = os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parent)])
 
 
 @pytest.fixture
 def capped() -> Iterator[torch.device]:
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())  # the cap needs an index
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(CAP_GIB * 2**30 / total, device)
     autoaccum.free_memory(device)
@@ -54,9 +56,9 @@ def test_probe_finds_a_memory_bound_size_and_restores_memory(capped: torch.devic
     # A real run has cuBLAS workspaces and handles already: create them before the baseline.
     loss_fn(model, batch(2, capped)).backward()
     model.zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # before the baseline
     autoaccum.free_memory(capped)
     baseline = torch.cuda.memory_allocated(capped)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     result = autoaccum.probe(
         model, batch(4, capped), loss_fn=loss_fn, optimizer=opt, upper=UPPER, precision="bf16"
     )
@@ -92,7 +94,7 @@ def test_chosen_size_trains_50_steps_in_a_fresh_process(capped: torch.device) ->
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": str(WORKER.parent)},
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -132,7 +134,7 @@ def test_nccl_world_size_one_through_torchrun_env(tmp_path: Path) -> None:
     )
     env = {
         **os.environ,
-        "PYTHONPATH": str(WORKER.parent),
+        "PYTHONPATH": PYTHONPATH,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": "29533",
         "RANK": "0",

@@ -263,3 +263,13 @@ def test_fit_report_mentions_oom_retries() -> None:
     console = Console(file=io.StringIO(), width=100, color_system=None)
     print_fit_report(replace(result, oom_retries=2), console=console)
     assert "ran out of memory 2× during training" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_probe_summary_says_when_the_margin_needed_no_samples() -> None:
+    from dataclasses import replace
+
+    from autoaccum.report import render_text
+
+    kept = replace(_probe(), micro_batch=6)  # the largest size already left 2% spare
+    assert "micro_batch 6 (no margin needed: 2% of memory already spare)" in render_text(kept)
+    assert "(no margin)" in render_text(replace(kept, margin=0.0))
