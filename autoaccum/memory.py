@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from autoaccum.cgroup import DEFAULT_CGROUP_ROOT, DEFAULT_PROC_CGROUP, CgroupMemory, cgroup_memory
+from autoaccum.meter import cuda_index
 
 __all__ = ["AllocatorMemory", "GpuMemory", "HostMemory", "MemoryReport", "memory_report"]
 
@@ -254,7 +255,7 @@ def _cuda_parts(
         why = f"no CUDA device (torch.cuda.is_available() is False; torch {torch.__version__})"
         return str(dev), None, why, None, why
     initialised = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]  # before init
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    index = cuda_index(dev)
     label = f"cuda:{index}"
     count = torch.cuda.device_count()
     if not 0 <= index < count:

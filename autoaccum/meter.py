@@ -13,7 +13,13 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["CudaMeter", "Meter", "Reading", "meter_for"]
+__all__ = ["CudaMeter", "Meter", "Reading", "cuda_index", "meter_for"]
+
+
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device's index; ``cuda`` alone means the current device. Some torch calls
+    (``set_per_process_memory_fraction``) refuse a device without one."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class CudaMeter:
     """A :class:`Meter` over torch's CUDA caching allocator for one device."""
 
     def __init__(self, device: torch.device) -> None:
-        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.index = cuda_index(device)
         free, total = torch.cuda.mem_get_info(self.index)
         get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         fraction = float(get_fraction(self.index)) if get_fraction is not None else 1.0

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from autoaccum.meter import cuda_index
 from benchmarks.workloads import CAPS, WORKLOADS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,7 +129,7 @@ def apply_cap(cap: str, device: torch.device) -> None:
     cap_bytes = CAPS[cap]
     if device.type != "cuda":
         return
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
     # "uncapped" sets the fraction back to 1: one process may measure several caps in turn.
     fraction = 1.0 if cap_bytes is None else min(1.0, cap_bytes / total)
