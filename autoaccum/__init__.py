@@ -4,11 +4,15 @@ Probe the largest micro-batch that fits, plan gradient accumulation so that
 micro-batches × accum_iter × ranks equal the target batch exactly, and train with
 one accumulating loop whose every optimizer step applies exactly the gradient of
 one big batch. Nothing runs at import.
+
+The pipeline reads from the package listing: :mod:`autoaccum.probing` (probe) →
+:mod:`autoaccum.plan` → :mod:`autoaccum.train` (the loop and ``fit``), with
+:mod:`autoaccum.memory` (where the memory goes, why this plan) and
+:mod:`autoaccum.render` (drawing it) beside them.
 """
 
 from __future__ import annotations
 
-from autoaccum.breakdown import ActivationFit, MemoryBreakdown, breakdown, fit_activation
 from autoaccum.errors import (
     AutoAccumError,
     BatchError,
@@ -18,27 +22,25 @@ from autoaccum.errors import (
     NonFiniteLossError,
     PlanError,
 )
-from autoaccum.fit import fit
-from autoaccum.footprint import footprint
-from autoaccum.losses import count_tokens, default_count, default_loss
-from autoaccum.memory import MemoryReport, memory_report
-from autoaccum.oom import free_memory, is_oom
+from autoaccum.memory.collect import memory_report
 from autoaccum.plan import Plan, make_plan
-from autoaccum.probe import DEFAULT_MARGIN, probe
-from autoaccum.result import FitResult
-from autoaccum.search import ProbeResult, TrialRecord, search_max_batch
+from autoaccum.probing import probe
+from autoaccum.probing.oom import is_oom
+from autoaccum.probing.search import search_max_batch
+from autoaccum.results import FitResult, MemoryReport, ProbeResult, TrialRecord
+from autoaccum.train.accumulator import Accumulator
+from autoaccum.train.fit import fit
+from autoaccum.train.losses import count_tokens
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "DEFAULT_MARGIN",
-    "ActivationFit",
+    "Accumulator",
     "AutoAccumError",
     "BatchError",
     "ConfigError",
     "DistributedError",
     "FitResult",
-    "MemoryBreakdown",
     "MemoryReport",
     "NoBatchFitsError",
     "NonFiniteLossError",
@@ -47,14 +49,8 @@ __all__ = [
     "ProbeResult",
     "TrialRecord",
     "__version__",
-    "breakdown",
     "count_tokens",
-    "default_count",
-    "default_loss",
     "fit",
-    "fit_activation",
-    "footprint",
-    "free_memory",
     "is_oom",
     "make_plan",
     "memory_report",

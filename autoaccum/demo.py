@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from autoaccum.emulate import MemoryBudget
-from autoaccum.fit import fit
+from autoaccum.train.fit import fit
 
 __all__ = ["add_arguments", "main", "spirals"]
 
@@ -46,11 +47,18 @@ def _mlp(classes: int, width: int) -> nn.Module:
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target-batch", type=int, default=256, help="samples per optimizer step")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--samples", type=int, default=4000, help="size of the synthetic data set")
-    parser.add_argument("--width", type=int, default=128, help="hidden width of the MLP")
+def add_arguments(
+    parser: argparse.ArgumentParser, *, positive_int: Callable[[str], int] = int
+) -> None:
+    """The demo's options; ``positive_int`` parses the counts (a usage error below 1)."""
+    parser.add_argument(
+        "--target-batch", type=positive_int, default=256, help="samples per optimizer step"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=20)
+    parser.add_argument(
+        "--samples", type=positive_int, default=4000, help="size of the synthetic data set"
+    )
+    parser.add_argument("--width", type=positive_int, default=128, help="hidden width of the MLP")
     parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA if any)")
     parser.add_argument(

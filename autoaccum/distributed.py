@@ -25,8 +25,8 @@ __all__ = [
     "init_from_env",
     "is_fsdp2",
     "local_cuda_index",
+    "local_tensor",
     "select_device",
-    "unwrap",
     "wrap_model",
 ]
 
@@ -39,7 +39,6 @@ class DistInfo:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     backend: str | None = None
 
     @property
@@ -146,7 +145,6 @@ def current() -> DistInfo:
     return DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         backend=str(dist.get_backend()),
     )
 
@@ -203,6 +201,12 @@ def agree_window(micro_steps: int, model: nn.Module, info: DistInfo) -> bool:
     return True
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor a rank really holds (the local shard of an FSDP2 DTensor)."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
     return [
         m
@@ -255,14 +259,6 @@ def drop_unsynced_grads(model: nn.Module) -> None:
                 unsharded = getattr(param, "_unsharded_param", None)
                 if unsharded is not None:
                     unsharded.grad = None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DistributedDataParallel wrapper (or the module itself)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        inner: nn.Module = model.module
-        return inner
-    return model
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:

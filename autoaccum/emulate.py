@@ -4,8 +4,11 @@ The CPU allocator has no limit to hit, so a probe on the CPU never sees an
 out-of-memory error. :class:`MemoryBudget` wraps a module and raises a real
 ``torch.OutOfMemoryError`` when the activations its forward saves for backward
 (counted exactly with ``torch.autograd.graph.saved_tensors_hooks``), plus a fixed
-amount, exceed a budget. The demo uses it to show probing and accumulation on
-machines without a GPU; tests use it to inject out-of-memory errors.
+amount, exceed a budget. It also brings its own memory meter (:meth:`autoaccum_meter`),
+so a probe reads the emulated device as it reads a GPU: peaks per trial, the limit, and
+a memory breakdown against the emulated budget rather than the host's RAM. The demo
+uses it to show probing and accumulation on machines without a GPU; tests use it to
+inject out-of-memory errors.
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MemoryBudget"]
+from autoaccum.probing.device import Reading
+from autoaccum.probing.oom import OOM_TYPE
 
-_OOM: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+__all__ = ["BudgetMeter", "MemoryBudget"]
 
 
 class MemoryBudget(nn.Module):
     """``module`` on an emulated device of ``budget_bytes``, ``fixed_bytes`` of it taken.
 
     ``last_saved_bytes`` is the activation memory the last forward saved for backward
-    (parameters excluded).
+    (parameters excluded); ``peak_saved_bytes`` the most any forward saved since the meter
+    last started.
     """
 
     def __init__(self, module: nn.Module, budget_bytes: int, fixed_bytes: int = 0) -> None:
@@ -33,6 +38,7 @@ class MemoryBudget(nn.Module):
         self.budget_bytes = budget_bytes
         self.fixed_bytes = fixed_bytes
         self.last_saved_bytes = 0
+        self.peak_saved_bytes = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         params = {p.data_ptr() for p in self.module.parameters()}
@@ -42,15 +48,42 @@ class MemoryBudget(nn.Module):
             nonlocal saved
             if tensor.data_ptr() not in params:
                 saved += tensor.numel() * tensor.element_size()
-            return tensor
+            # Detached: a saved output returned as itself would hold its own grad_fn in a
+            # reference cycle, keeping every failed forward's activations alive until a
+            # garbage collection.
+            return tensor.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = self.module(*args, **kwargs)
         self.last_saved_bytes = saved
+        self.peak_saved_bytes = max(self.peak_saved_bytes, saved)
         if torch.is_grad_enabled() and self.fixed_bytes + saved > self.budget_bytes:
             del out
-            raise _OOM(
+            raise OOM_TYPE(
                 f"emulated out of memory: {(self.fixed_bytes + saved) / 2**20:.2f} MiB needed "
                 f"({saved / 2**20:.2f} MiB activations), budget {self.budget_bytes / 2**20:.2f} MiB"
             )
         return out
+
+    def autoaccum_meter(self) -> BudgetMeter:
+        """The meter a probe reads this emulated device with."""
+        return BudgetMeter(self)
+
+
+class BudgetMeter:
+    """A :class:`~autoaccum.probing.device.Meter` over a :class:`MemoryBudget`: the limit is
+    the budget, a trial's peak the fixed bytes plus the most activations a forward saved."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
+        self.limit = budget.budget_bytes
+
+    def start(self) -> None:
+        self.budget.peak_saved_bytes = 0
+
+    def stop(self) -> Reading:
+        peak = self.budget.fixed_bytes + self.budget.peak_saved_bytes
+        return Reading(peak_allocated=peak, peak_reserved=peak, alloc_retries=0)
+
+    def allocated(self) -> int:
+        return self.budget.fixed_bytes

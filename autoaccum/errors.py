@@ -1,10 +1,18 @@
-"""The error family. Every error a user can provoke is an :class:`AutoAccumError`.
+"""The error family, and the validators that turn bad arguments into its errors.
 
-Messages say what was wrong and what to do about it; they never leak an
-``AssertionError`` or a stack trace from deep inside torch.
+Every error a user can provoke is an :class:`AutoAccumError`. Messages say what was
+wrong and what to do about it; they never leak an ``AssertionError`` or a stack trace
+from deep inside torch. The ``check_*`` functions here are the one place arguments are
+validated, so the same mistake gets the same message from ``fit``, ``probe``, the
+planner and the command line.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any
 
 __all__ = [
     "AutoAccumError",
@@ -14,6 +22,11 @@ __all__ = [
     "NoBatchFitsError",
     "NonFiniteLossError",
     "PlanError",
+    "check_callable",
+    "check_count",
+    "check_fraction",
+    "check_item_count",
+    "check_positive",
 ]
 
 
@@ -43,3 +56,92 @@ class NonFiniteLossError(AutoAccumError, FloatingPointError):
 
 class DistributedError(AutoAccumError, RuntimeError):
     """The process group is missing, inconsistent, or ranks disagree."""
+
+
+def _is_integral(value: object) -> bool:
+    """True for ints and integer scalars (numpy's, a 0-d integer tensor), never for bools."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return False
+    try:
+        operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
+def check_count(name: str, value: object, *, minimum: int = 1) -> int:
+    """``value`` as an int ≥ ``minimum``, or a :class:`ConfigError` that says what to pass."""
+    if not _is_integral(value):
+        raise ConfigError(
+            f"{name} must be an int, got {type(value).__name__} {value!r}; pass a whole number "
+            f"≥ {minimum}, e.g. {name}={max(minimum, 256) if minimum > 0 else 0}"
+        )
+    number = operator.index(value)  # type: ignore[arg-type]
+    if number < minimum:
+        raise ConfigError(f"{name} must be ≥ {minimum}, got {number}")
+    return number
+
+
+def check_fraction(name: str, value: object, *, below: float, default: float) -> float:
+    """``value`` as a float in ``[0, below)`` (e.g. a margin), or a :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(
+            f"{name} must be a number in [0, {below}), got {type(value).__name__} {value!r}; "
+            f"the default is {default}"
+        )
+    number = float(value)
+    if not 0.0 <= number < below:
+        raise ConfigError(f"{name} must be in [0, {below}), got {number}; the default is {default}")
+    return number
+
+
+def check_positive(name: str, value: object) -> float:
+    """``value`` as a finite float > 0 (e.g. ``max_grad_norm``), or a :class:`ConfigError`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+        or float(value) <= 0
+    ):
+        raise ConfigError(f"{name} must be a positive number or None, got {value!r}")
+    return float(value)
+
+
+def check_callable(name: str, value: object, signature: str) -> Any:
+    """``value`` when it is callable, else a :class:`ConfigError` naming the expected call."""
+    if not callable(value):
+        raise ConfigError(
+            f"{name} must be callable as {signature}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def check_item_count(value: object, where: str) -> float:
+    """A ``count_fn`` result as a float ≥ 0: a number or a one-element tensor, finite.
+
+    Integer and floating scalars of any library (Python, numpy, torch) are accepted.
+    """
+    item = getattr(value, "item", None)
+    numel = getattr(value, "numel", None)
+    if callable(numel) and callable(item):  # a tensor (or numpy array)
+        if numel() != 1:
+            shape = tuple(getattr(value, "shape", ()))
+            raise ConfigError(
+                f"count_fn must return one number (items in the micro-batch), got a tensor of "
+                f"shape {shape} ({where})"
+            )
+        value = item()
+    elif callable(item) and not isinstance(value, numbers.Number):
+        value = item()  # a numpy scalar
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(
+            f"count_fn must return a number of items ≥ 0, got {type(value).__name__} {value!r} "
+            f"({where})"
+        )
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(
+            f"count_fn must return a finite number of items ≥ 0, got {number} ({where}); it "
+            "counts the items the micro-batch's mean loss is over (samples, or target tokens)"
+        )
+    return number

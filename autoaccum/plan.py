@@ -1,25 +1,13 @@
-"""The planner: pure arithmetic that turns a largest micro-batch into an exact plan."""
+"""The planner: pure arithmetic that turns a micro-batch ceiling into an exact plan."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from autoaccum.errors import ConfigError, PlanError
+from autoaccum.errors import PlanError, check_count
 
-__all__ = ["Plan", "check_count", "even_split", "make_plan"]
-
-
-def check_count(name: str, value: object, *, minimum: int = 1) -> int:
-    """``value`` as an int ≥ ``minimum``, or a :class:`ConfigError` that says what to pass."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(
-            f"{name} must be an int, got {type(value).__name__} {value!r}; pass a whole number "
-            f"≥ {minimum}, e.g. {name}=256"
-        )
-    if value < minimum:
-        raise ConfigError(f"{name} must be ≥ {minimum}, got {value}")
-    return value
+__all__ = ["Plan", "even_split", "make_plan"]
 
 
 def even_split(total: int, parts: int) -> tuple[int, ...]:
@@ -32,12 +20,24 @@ def even_split(total: int, parts: int) -> tuple[int, ...]:
     return tuple(base + 1 if i < extra else base for i in range(parts))
 
 
+def _split(samples: int, max_micro: int, min_micro: int) -> tuple[int, ...] | None:
+    """``samples`` in the fewest micro-batches of at most ``max_micro``, as even as can be,
+    none below ``min_micro``; None when no such split exists."""
+    parts = math.ceil(samples / max_micro)
+    if samples // parts < min_micro:
+        return None
+    return even_split(samples, parts)
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one optimizer step's ``target_batch`` samples are laid out.
 
     ``micro_sizes`` are one rank's micro-batches in one window, so
-    ``sum(micro_sizes) * world_size == target_batch`` always holds.
+    ``sum(micro_sizes) * world_size == target_batch`` always holds. ``micro_batch`` is the
+    largest of them; ``max_micro`` the ceiling the plan was made under (the probe's or the
+    user's); ``min_micro`` the smallest micro-batch the model can train on (2 with
+    BatchNorm, which cannot normalise one sample).
     """
 
     target_batch: int
@@ -45,6 +45,8 @@ class Plan:
     micro_batch: int
     accum_iter: int
     micro_sizes: tuple[int, ...]
+    max_micro: int
+    min_micro: int = 1
 
     @property
     def per_rank(self) -> int:
@@ -54,17 +56,22 @@ class Plan:
     def window_sizes(self, samples: int) -> tuple[int, ...]:
         """Micro sizes for a (possibly short, last) window of ``samples`` on one rank.
 
-        A full window gives ``micro_sizes``; a short one is split as evenly as the
-        full one would be, into no more micro-batches than needed.
+        A full window gives ``micro_sizes``; a short one is split as evenly as the full one
+        would be, into no more micro-batches than needed. When a short window cannot be
+        split without a micro-batch below ``min_micro`` (e.g. 5 samples at most 2 at a time
+        on a BatchNorm model), the sizes cover all but the fewest samples that make it
+        possible: ``sum(sizes) < samples`` then, and the caller drops the rest, saying so.
         """
         if samples == self.per_rank:
             return self.micro_sizes
-        if samples <= 0:
-            return ()
-        return even_split(samples, math.ceil(samples / self.micro_batch))
+        for kept in range(samples, self.min_micro - 1, -1):
+            sizes = _split(kept, self.micro_batch, self.min_micro)
+            if sizes is not None:
+                return sizes
+        return ()
 
     def describe(self) -> str:
-        """One line, e.g. ``256 = 86+85+85 (accum_iter 3) × 1 rank``."""
+        """One line, e.g. ``target_batch 256 = 86+85+85 (accum_iter 3) × 1 rank``."""
         if len(set(self.micro_sizes)) == 1:
             sizes = f"{self.micro_sizes[0]} × {self.accum_iter}"
         else:
@@ -76,40 +83,77 @@ class Plan:
         )
 
     def to_dict(self) -> dict[str, object]:
-        return {**asdict(self), "micro_sizes": list(self.micro_sizes)}
+        return {
+            "target_batch": self.target_batch,
+            "world_size": self.world_size,
+            "micro_batch": self.micro_batch,
+            "accum_iter": self.accum_iter,
+            "micro_sizes": list(self.micro_sizes),
+            "max_micro": self.max_micro,
+            "min_micro": self.min_micro,
+        }
 
 
-def _nearest_multiples(value: int, step: int) -> str:
-    below = (value // step) * step
-    above = below + step
-    return f"{below} or {above}" if below > 0 else f"{above}"
+def _nearest(value: int, ok: list[int]) -> str:
+    below = [v for v in ok if v < value]
+    above = [v for v in ok if v > value]
+    near = ([max(below)] if below else []) + ([min(above)] if above else [])
+    return " or ".join(str(v) for v in near)
 
 
-def make_plan(target_batch: int, max_micro: int, world_size: int = 1) -> Plan:
+def make_plan(
+    target_batch: int, max_micro: int, world_size: int = 1, *, min_micro: int = 1
+) -> Plan:
     """The exact plan for ``target_batch`` samples per optimizer step.
 
-    Each of ``world_size`` ranks gets ``T = target_batch / world_size`` samples per
-    step, split into ``accum_iter = ceil(T / max_micro)`` micro-batches that differ
-    by at most one sample (256 with ``max_micro=100`` → 86, 85, 85). The effective
-    batch is never changed silently: a target that does not divide among the ranks
-    is a :class:`PlanError` naming the nearest targets that do.
+    Each of ``world_size`` ranks gets ``T = target_batch / world_size`` samples per step,
+    split into ``accum_iter = ceil(T / max_micro)`` micro-batches that differ by at most one
+    sample (256 with ``max_micro=100`` → 86, 85, 85). The effective batch is never changed
+    silently: a target that does not divide among the ranks, or that would need a
+    micro-batch below ``min_micro`` (a BatchNorm model cannot train on one sample), is a
+    :class:`PlanError` naming the nearest targets that work.
     """
     check_count("target_batch", target_batch)
     check_count("max_micro", max_micro)
     check_count("world_size", world_size)
+    check_count("min_micro", min_micro)
     if target_batch % world_size:
+        valid = [world_size * k for k in range(1, target_batch // world_size + 2)]
         raise PlanError(
             f"target_batch {target_batch} does not divide evenly among {world_size} ranks, so "
             f"every rank cannot get the same share; use target_batch="
-            f"{_nearest_multiples(target_batch, world_size)} (a multiple of {world_size})"
+            f"{_nearest(target_batch, valid)} (a multiple of {world_size})"
+        )
+    if max_micro < min_micro:
+        raise PlanError(
+            f"max_micro {max_micro} is below {min_micro}, the smallest micro-batch this model "
+            f"can train on (BatchNorm needs at least 2 samples to normalise); pass "
+            f"max_micro ≥ {min_micro}"
         )
     per_rank = target_batch // world_size
-    accum_iter = math.ceil(per_rank / max_micro)
-    sizes = even_split(per_rank, accum_iter)
+    sizes = _split(per_rank, min(max_micro, per_rank), min_micro)
+    if sizes is None:
+
+        def works(target: int) -> bool:
+            share = target // world_size
+            return (
+                share >= min_micro and _split(share, min(max_micro, share), min_micro) is not None
+            )
+
+        span = range(world_size, target_batch + world_size * (2 * min_micro + 2), world_size)
+        valid = [t for t in span if works(t)]
+        raise PlanError(
+            f"target_batch {target_batch} ({per_rank} per rank) cannot be split into "
+            f"micro-batches of {min_micro} to {max_micro} samples: one would hold fewer than "
+            f"{min_micro}, which this model cannot train on (BatchNorm needs at least 2 samples "
+            f"to normalise). Use target_batch={_nearest(target_batch, valid)}"
+        )
     return Plan(
         target_batch=target_batch,
         world_size=world_size,
         micro_batch=sizes[0],
-        accum_iter=accum_iter,
+        accum_iter=len(sizes),
         micro_sizes=sizes,
+        max_micro=max_micro,
+        min_micro=min_micro,
     )

@@ -1,7 +1,7 @@
 """bench_throughput: samples/s at autoaccum's plan against the best of a sweep of sizes.
 
 For each workload × cap: ``autoaccum.probe`` finds the largest micro-batch, and
-``make_plan(target_batch, probe.micro_batch)`` plans the accumulation. Then samples/s is
+``make_plan(target_batch, probe.max_micro)`` plans the accumulation. Then samples/s is
 measured with the hand-written loop for full optimizer steps of ``target_batch``
 samples at each size of a sweep: the top ``--sweep`` powers of two up to the probe's
 maximum, and the plan's micro-batch. The figure to look at is the plan's samples/s as
@@ -99,9 +99,9 @@ def measure(args: argparse.Namespace, name: str, cap: str, device: torch.device)
         precision=wl.precision(device),
         device=device,
     )
-    plan = make_plan(target, found.micro_batch)
+    plan = make_plan(target, found.max_micro)
     rows = []
-    for size in sweep_sizes(found.max_batch, plan.micro_batch, args.sweep):
+    for size in sweep_sizes(found.largest_pass, plan.micro_batch, args.sweep):
         if time_left(args.deadline) < 5:
             rows.append(
                 {"micro_batch": size, "samples_per_s": None, "status": "skipped (time budget)"}
@@ -130,8 +130,8 @@ def measure(args: argparse.Namespace, name: str, cap: str, device: torch.device)
         "label": label(name, cap),
         "target_batch": target,
         "probe": {
-            "max_batch": found.max_batch,
-            "micro_batch": found.micro_batch,
+            "max_batch": found.largest_pass,
+            "micro_batch": found.max_micro,
             "seconds": found.seconds,
         },
         "plan": plan.to_dict(),

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from autoaccum.meter import cuda_index
+from autoaccum.probing.device import cuda_index
 from benchmarks.workloads import CAPS, WORKLOADS
 
 REPO = Path(__file__).resolve().parent.parent

@@ -71,13 +71,13 @@ def run_autoaccum(wl: Workload, cap: str, device: torch.device) -> dict[str, Any
     sync(device)
     seconds = time.perf_counter() - start
     return {
-        "micro_batch": found.micro_batch,
-        "max_batch": found.max_batch,
+        "micro_batch": found.max_micro,
+        "max_batch": found.largest_pass,
         "seconds": seconds,
         "trials": len(found.trials),
         "sizes": [t.size for t in found.trials],
-        "fits": [t.fits for t in found.trials],
-        "first_fail": min((t.size for t in found.trials if not t.fits), default=None),
+        "fits": [t.passed for t in found.trials],
+        "first_fail": min((t.size for t in found.trials if not t.passed), default=None),
         # where the time and memory went, trial by trial (the search's own records)
         "trial_records": [t.to_dict() for t in found.trials],
         "trial_seconds": sum(t.seconds for t in found.trials),

@@ -38,3 +38,17 @@ def bad_return() -> int:
 
 def no_model() -> dict[str, object]:
     return {"batch": torch.zeros(2, 8)}
+
+
+def raises() -> dict[str, object]:
+    raise ValueError("no such checkpoint")
+
+
+def string_optimizer() -> dict[str, object]:
+    model, batch = _model_and_batch()
+    return {"model": model, "batch": batch, "optimizer": "adam"}
+
+
+def string_loss() -> dict[str, object]:
+    model, batch = _model_and_batch()
+    return {"model": model, "batch": batch, "loss_fn": "cross_entropy"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+from autoaccum.probing.oom import OOM_TYPE as OOM  # what torch raises when allocation fails
 
 
 class OOMAbove(nn.Module):

@@ -57,6 +57,7 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@pytest.mark.slow
 def test_bench_probe_tiny(tmp_path: Path) -> None:
     proc = run(
         "benchmarks.bench_probe",
@@ -107,6 +108,7 @@ def test_bench_probe_tiny(tmp_path: Path) -> None:
     assert (tmp_path / "bench_probe.md").read_text().startswith("### bench_probe")
 
 
+@pytest.mark.slow
 def test_bench_throughput_tiny(tmp_path: Path) -> None:
     proc = run(
         "benchmarks.bench_throughput",
@@ -123,9 +125,13 @@ def test_bench_throughput_tiny(tmp_path: Path) -> None:
     sizes = [r["micro_batch"] for r in setting["sweep"]]
     assert sizes == [4, 8, plan["micro_batch"]]
     assert all(r["status"] == "ok" and r["samples_per_s"] > 0 for r in setting["sweep"])
-    assert 0 < setting["plan_share_of_best"] <= 1
+    rates = {r["micro_batch"]: r["samples_per_s"] for r in setting["sweep"]}
+    best = max(rates.values())
+    assert setting["best"]["samples_per_s"] == best
+    assert setting["plan_share_of_best"] == pytest.approx(rates[plan["micro_batch"]] / best)
 
 
+@pytest.mark.slow
 def test_run_all_tiny_runs_bench_overhead_and_writes_summary(tmp_path: Path) -> None:
     proc = run(
         "benchmarks.run_all",

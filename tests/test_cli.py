@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -90,10 +88,10 @@ def test_probe_prints_trials_plan_and_breakdown(capsys: pytest.CaptureFixture[st
     assert "Probe on cpu" in out
     assert "optimizer state 3.0 KiB" in out  # AdamW's moments, as the trials allocated them
     assert out.count("✓") == 5  # sizes 1, 2, 4, 8, 16
-    assert "largest that fit: 16" in out
+    assert "largest that passed: 16" in out
     assert "Plan: target_batch 16 = 16 × 1 (accum_iter 1) × 1 rank" in out
     assert "Memory at micro_batch 16" in out
-    assert "not measurable on CPU" in out
+    assert "not measurable on cpu" in out
     assert "GiB = 2^30 bytes" in out
 
 
@@ -102,7 +100,7 @@ def test_probe_json_with_a_tuple_factory_from_a_file(capsys: pytest.CaptureFixtu
     assert main(["probe", spec, "--target-batch", "12", "--margin", "0.1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == {"probe", "plan", "breakdown", "memory"}
-    assert data["probe"]["max_batch"] == 12
+    assert data["probe"]["largest_pass"] == 12
     assert [t["size"] for t in data["probe"]["trials"]] == [1, 2, 4, 8, 12]
     assert data["plan"]["micro_sizes"] == [12]
     assert data["breakdown"]["fixed_parts"]["parameters"] == (8 * 32 + 32 + 32 * 3 + 3) * 4
@@ -113,37 +111,60 @@ def test_autoaccum_error_exits_1_without_traceback(capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert err.startswith("error: margin must be in [0, 0.5)")
     assert "Traceback" not in err
-    assert main(["probe", "cli_factory:make", "--target-batch", "0"]) == 1
 
 
-def _fake_demo(calls: list[argparse.Namespace]) -> ModuleType:
-    demo = ModuleType("autoaccum.demo")
-
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--steps", type=int, default=3)
-
-    def run(args: argparse.Namespace) -> int:
-        calls.append(args)
-        return 0
-
-    demo.add_arguments = add_arguments  # type: ignore[attr-defined]
-    demo.main = run  # type: ignore[attr-defined]
-    return demo
-
-
-def test_demo_registers_its_options_and_runs(monkeypatch: pytest.MonkeyPatch):
-    calls: list[argparse.Namespace] = []
-    monkeypatch.setitem(sys.modules, "autoaccum.demo", _fake_demo(calls))
-    assert main(["demo", "--steps", "7"]) == 0
-    assert [c.steps for c in calls] == [7]
-
-
-def test_demo_missing_is_reported(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["probe", "cli_factory:make", "--target-batch", "0"], "must be ≥ 1, got 0"),
+        (["probe", "cli_factory:make", "--target-batch", "many"], "expected a whole number"),
+        (["demo", "--target-batch", "0"], "must be ≥ 1, got 0"),
+        (["demo", "--epochs", "-1"], "must be ≥ 1, got -1"),
+    ],
+)
+def test_counts_below_one_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ):
-    monkeypatch.setitem(sys.modules, "autoaccum.demo", None)  # import raises ImportError
-    assert main(["demo", "--anything"]) == 2
-    assert "the demo is not available" in capsys.readouterr().err
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("cli_factory:raises", "cli_factory:raises() raised ValueError: no such checkpoint"),
+        ("cli_factory:string_optimizer", "optimizer must be a torch.optim.Optimizer"),
+        ("cli_factory:string_loss", "loss_fn must be callable"),
+    ],
+)
+def test_a_factory_that_fails_or_breaks_the_contract_exits_2_without_traceback(
+    spec: str, message: str, capsys: pytest.CaptureFixture[str]
+):
+    assert main(["probe", spec, "--target-batch", "8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    if spec.endswith("raises"):
+        assert "cli_factory.py:" in err  # where the factory raised
+
+
+def test_a_device_this_machine_lacks_is_a_usage_error(capsys: pytest.CaptureFixture[str]):
+    assert main(["probe", "cli_factory:make", "--target-batch", "8", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "sees no CUDA device" in err
+    assert "available here: cpu" in err
+    assert "AssertionError" not in err
+    assert "Traceback" not in err
+
+
+def test_demo_runs_from_the_command_line(capsys: pytest.CaptureFixture[str]):
+    argv = ["demo", "--epochs", "1", "--samples", "300", "--target-batch", "64", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["target_batch"] == 64
+    assert out["optimizer_steps"] == 5
 
 
 def test_python_dash_m_report_json():

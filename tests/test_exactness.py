@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 import autoaccum
 from autoaccum.plan import make_plan
-from autoaccum.tree import split_batch
+from autoaccum.train.batches import split_batch
 
 
 def naive(
@@ -103,7 +103,7 @@ def test_exact_through_the_probe_with_injected_oom() -> None:
     model = mlp(limit=6)
     result = fit_sgd(model, DataLoader(data, batch_size=8), 16, loss_fn=ce)
     assert result.probe is not None
-    assert (result.probe.max_batch, result.probe.micro_batch) == (6, 5)
+    assert (result.probe.largest_pass, result.probe.max_micro) == (6, 5)
     assert result.plan.micro_sizes == (4, 4, 4, 4)
     ref = mlp()
     reference(ref, windows_of(data, 16), ce)

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import autoaccum
-from autoaccum import AutoAccumError, BatchError, ConfigError, NonFiniteLossError, PlanError
+from autoaccum import BatchError, ConfigError, NonFiniteLossError, PlanError
 
 
 def data(n: int = 20) -> TensorDataset:
@@ -113,10 +113,29 @@ def test_non_finite_loss_through_fit() -> None:
         )
 
 
-def test_not_divisible_is_a_plan_error_before_any_work() -> None:
-    with pytest.raises(PlanError):
-        autoaccum.make_plan(10, 3, world_size=4)
-    assert issubclass(PlanError, AutoAccumError)
+class CountingReads(TensorDataset):
+    """A dataset that records every sample read."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        super().__init__(*tensors)
+        self.reads: list[int] = []
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        self.reads.append(index)
+        return super().__getitem__(index)
+
+
+def test_an_impossible_plan_is_a_plan_error_before_any_work() -> None:
+    """5 samples at most 2 at a time would need a 1-sample micro-batch, which a BatchNorm
+    model cannot train on: refused before a sample is read or a weight touched."""
+    model = bn_net(dtype=torch.float64)
+    before = params(model)
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    dataset = CountingReads(x, y)
+    with pytest.raises(PlanError, match="target_batch=4 or 6"):
+        run(model, DataLoader(dataset, batch_size=4), 5, max_micro=2)
+    assert dataset.reads == []
+    assert unchanged(model, before)
 
 
 def test_default_loss_for_pairs_and_default_optimizer() -> None:

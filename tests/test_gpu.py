@@ -63,14 +63,14 @@ def test_probe_finds_a_memory_bound_size_and_restores_memory(capped: torch.devic
         model, batch(4, capped), loss_fn=loss_fn, optimizer=opt, upper=UPPER, precision="bf16"
     )
     assert result.hit_limit, result.trials
-    assert 1 < result.micro_batch < result.max_batch < UPPER
+    assert 1 < result.max_micro < result.largest_pass < UPPER
     assert all(t.peak_allocated is not None for t in result.trials)
     assert torch.cuda.memory_allocated(capped) == baseline
     assert len(opt.state) == 0
     for key, value in model.state_dict().items():
         assert torch.equal(before[key], value), key
-    failed = [t.size for t in result.trials if not t.fits]
-    assert min(failed) == result.max_batch + 1  # the bisection closed the gap exactly
+    failed = [t.size for t in result.trials if not t.passed]
+    assert min(failed) == result.largest_pass + 1  # the bisection closed the gap exactly
 
 
 def test_chosen_size_trains_50_steps_in_a_fresh_process(capped: torch.device) -> None:
@@ -87,7 +87,7 @@ def test_chosen_size_trains_50_steps_in_a_fresh_process(capped: torch.device) ->
             "--cap-gib",
             str(CAP_GIB),
             "--micro",
-            str(result.micro_batch),
+            str(result.max_micro),
             "--steps",
             "50",
         ],

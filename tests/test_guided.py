@@ -6,16 +6,15 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-from hypothesis import given, settings
+from helpers import OOM
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from autoaccum import search_max_batch
-from autoaccum.meter import Reading
-from autoaccum.probe import Headroom, apply_margin
-from autoaccum.search import AIM, max_trials, predict_fit
+from autoaccum.probing.device import Reading
+from autoaccum.probing.peaks import TopReading, apply_margin, size_for_budget
+from autoaccum.probing.search import AIM, max_trials
 
-OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 GB = 10**9
 
 #: (allocated, reserved) peaks of autoaccum.probe's passing trials under a 24 GiB cap, read
@@ -92,7 +91,7 @@ class ScriptedDevice:
             return round(a + (b - a) * (size - below) / (above - below))
         return self.fixed + self.per_sample * size
 
-    def fits(self, size: int) -> bool:
+    def passes(self, size: int) -> bool:
         if self.oom_from is not None:
             return size < self.oom_from
         return self.need(size) <= self.limit
@@ -100,7 +99,7 @@ class ScriptedDevice:
     def __call__(self, size: int) -> None:
         self.tried.append(size)
         self._last = size
-        if not self.fits(size):
+        if not self.passes(size):
             raise OOM(f"CUDA out of memory. Tried to allocate {size} GiB")
 
     # the Meter protocol
@@ -119,19 +118,19 @@ class ScriptedDevice:
 def test_replayed_h100_readings_take_fewer_trials_for_the_same_answer() -> None:
     gpt2 = replay(H100_GPT2_24GIB, oom_from=23)
     result = search_max_batch(gpt2, 1024, meter=gpt2)
-    assert result.max_batch == 22
+    assert result.largest_pass == 22
     assert gpt2.tried == [1, 2, 16, 26, 21, 23, 22]
     assert result.limit_bytes == H100_LIMIT
     assert [t.peak_reserved for t in result.trials][:2] == [2_736_783_360, 4_649_385_984]
     plain = replay(H100_GPT2_24GIB, oom_from=23)
-    assert search_max_batch(plain, 1024).max_batch == 22  # no meter: doubling, bisection
+    assert search_max_batch(plain, 1024).largest_pass == 22  # no meter: doubling, bisection
     assert plain.tried == [1, 2, 4, 8, 16, 32, 24, 20, 22, 23]
 
     resnet = replay(H100_RESNET50_24GIB, oom_from=562)
-    assert search_max_batch(resnet, 4096, lower=2, meter=resnet).max_batch == 561
+    assert search_max_batch(resnet, 4096, lower=2, meter=resnet).largest_pass == 561
     assert resnet.tried == [2, 4, 361, 542, 565, 553, 559, 562, 560, 561]
     plain = replay(H100_RESNET50_24GIB, oom_from=562)
-    assert search_max_batch(plain, 4096, lower=2).max_batch == 561
+    assert search_max_batch(plain, 4096, lower=2).largest_pass == 561
     assert len(plain.tried) == 19
 
 
@@ -139,7 +138,7 @@ def test_a_jump_aims_under_the_limit_then_gallops() -> None:
     device = ScriptedDevice(limit=100 * GB, fixed=4 * GB, per_sample=GB // 10)
     result = search_max_batch(device, 4096, meter=device)
     exact = (100 * GB - 4 * GB) // (GB // 10)  # 960
-    assert result.max_batch == exact
+    assert result.largest_pass == exact
     aimed = (AIM * 100 * GB - 4 * GB) // (GB // 10)
     assert device.tried == [1, 2, math.floor(aimed), exact, exact + 1]
 
@@ -152,7 +151,7 @@ def test_an_overshooting_jump_falls_back_to_bisection() -> None:
 
     device = ScriptedDevice({s: need(s) for s in range(1, 2049)}, limit=40 * GB)
     result = search_max_batch(device, 2048, meter=device)
-    assert result.max_batch == max(s for s in range(1, 2049) if need(s) <= 40 * GB)
+    assert result.largest_pass == max(s for s in range(1, 2049) if need(s) <= 40 * GB)
     assert len(device.tried) <= max_trials(2048, guided=True)
 
 
@@ -168,56 +167,55 @@ def test_no_guidance_in_a_distributed_search() -> None:
     per_sample=st.integers(10**5, 4 * GB),
     limit=st.integers(1 * GB, 140 * GB),
     bend=st.integers(0, 10**9),
-    upper=st.integers(1, 5000),
     lower=st.integers(1, 8),
+    extra=st.integers(0, 5000),
 )
 def test_guided_search_is_exact_and_bounded(
-    fixed: int, per_sample: int, limit: int, bend: int, upper: int, lower: int
+    fixed: int, per_sample: int, limit: int, bend: int, lower: int, extra: int
 ) -> None:
     """Any monotone memory curve (a line bent upwards by ``bend``·size²) and limit."""
-    if upper < lower:
-        return
+    upper = lower + extra
     sizes = range(1, upper + 1)
     table = {s: fixed + per_sample * s + bend * s * s for s in sizes}
+    assume(table[lower] <= limit)  # otherwise nothing fits: another test's case
     device = ScriptedDevice(table, limit=limit)
     fitting = [s for s in sizes if s >= lower and table[s] <= limit]
-    if not fitting or table[lower] > limit:
-        return
     result = search_max_batch(device, upper, lower=lower, meter=device)
-    assert result.max_batch == max(fitting)
+    assert result.largest_pass == max(fitting)
     assert len(device.tried) <= max_trials(upper, guided=True)
     assert len(set(device.tried)) == len(device.tried)
     assert max(device.tried) <= upper
 
 
-def test_predict_fit_uses_the_two_largest_passing_trials() -> None:
+def test_size_for_budget_uses_the_two_largest_passing_trials() -> None:
     device = ScriptedDevice(limit=10 * GB, fixed=GB, per_sample=GB)
-    result = search_max_batch(device, 4, meter=device)  # 1, 2, 4 all fit
-    assert predict_fit(list(result.trials), 9.5 * GB) == 8
-    assert predict_fit(list(result.trials[:1]), 9.5 * GB) is None
+    result = search_max_batch(device, 4, meter=device)  # 1, 2, 4 all pass
+    assert size_for_budget(result.trials, 9.5 * GB) == 8
+    assert size_for_budget(result.trials[:1], 9.5 * GB) is None
 
 
-def test_headroom_margin_keeps_a_size_that_already_leaves_enough_spare() -> None:
+def test_margin_keeps_a_size_that_already_leaves_enough_spare() -> None:
     limit = 100 * GB
-    spare = Headroom(limit=limit, peak=95 * GB, per_sample=GB)  # 5% spare
-    assert apply_margin(50, margin=0.02, hit_limit=True, headroom=spare) == 50
-    tight = Headroom(limit=limit, peak=int(99.5 * GB), per_sample=GB // 2)  # 0.5% spare
+    spare = TopReading(limit=limit, peak=95 * GB, per_sample=GB)  # 5% spare
+    assert apply_margin(50, margin=0.02, hit_limit=True, top=spare) == 50
+    tight = TopReading(limit=limit, peak=int(99.5 * GB), per_sample=GB // 2)  # 0.5% spare
     # 2% of 100 GB = 2 GB wanted, 0.5 GB spare: 1.5 GB more, at 0.5 GB a sample
-    assert apply_margin(50, margin=0.02, hit_limit=True, headroom=tight) == 47
-    assert apply_margin(50, margin=0.02, hit_limit=False, headroom=tight) == 50
-    assert apply_margin(2, margin=0.02, hit_limit=True, lower=2, headroom=tight) == 2
+    assert apply_margin(50, margin=0.02, hit_limit=True, top=tight) == 47
+    assert apply_margin(50, margin=0.02, hit_limit=False, top=tight) == 50
+    assert apply_margin(2, margin=0.02, hit_limit=True, lower=2, top=tight) == 2
 
 
-def test_probe_headroom_is_read_from_the_trials() -> None:
+def test_probe_top_reading_is_read_from_the_trials() -> None:
     device = replay(H100_GPT2_24GIB, oom_from=23)
     found = search_max_batch(device, 1024, meter=device)
-    headroom = Headroom.of(found)
-    assert headroom is not None
-    assert headroom.peak == H100_GPT2_24GIB[22][1]
-    assert headroom.limit == H100_LIMIT
+    top = TopReading.of(found.trials, found.largest_pass, found.limit_bytes)
+    assert top is not None
+    assert top.peak == H100_GPT2_24GIB[22][1]
+    assert top.limit == H100_LIMIT
     # 1.1% spare at 22, 2% wanted: one sample of ~1.1 GB reserved is dropped
-    assert apply_margin(22, margin=0.02, hit_limit=True, headroom=headroom) == 21
-    assert Headroom.of(search_max_batch(ScriptedDevice(limit=GB, oom_from=99), 64)) is None
+    assert apply_margin(22, margin=0.02, hit_limit=True, top=top) == 21
+    unmeasured = search_max_batch(ScriptedDevice(limit=GB, oom_from=99), 64)
+    assert TopReading.of(unmeasured.trials, unmeasured.largest_pass, None) is None
 
 
 @pytest.mark.parametrize("upper", [1, 2, 1000, 4096])

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from autoaccum import is_oom
-from autoaccum.oom import oom_kind
-
-OOM_TYPE = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+from autoaccum.probing.oom import OOM_TYPE, oom_kind
 
 REAL_OOM_MESSAGES = [
     # torch's CUDA caching allocator (torch 2.x)

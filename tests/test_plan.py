@@ -68,10 +68,6 @@ def test_bad_target_batch(bad: object) -> None:
         make_plan(bad, 10)  # type: ignore[arg-type]
 
 
-def test_plan_error_is_a_value_error() -> None:
-    assert issubclass(PlanError, ValueError)
-
-
 def test_short_last_window() -> None:
     plan = make_plan(256, 100)
     assert plan.window_sizes(256) == (86, 85, 85)

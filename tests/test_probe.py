@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import autoaccum
 from autoaccum import BatchError, ConfigError, NoBatchFitsError
-from autoaccum.probe import apply_margin
+from autoaccum.probing.peaks import apply_margin
 
 
 def ce(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -56,7 +56,7 @@ def test_state_is_bit_identical_after_a_probe_with_ooms() -> None:
 
     result = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=256)
 
-    assert result.max_batch == 37
+    assert result.largest_pass == 37
     assert oom_layer(model).sizes  # trials really ran the model
     after = model.state_dict()
     assert before_model.keys() == after.keys()
@@ -107,13 +107,13 @@ def test_trial_runs_two_micro_steps_and_an_optimizer_step() -> None:
 def test_margin_applies_only_when_memory_bound() -> None:
     model, opt = trained(limit=100)
     bound = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=1000)
-    assert (bound.max_batch, bound.micro_batch, bound.margin) == (100, 98, 0.02)
+    assert (bound.largest_pass, bound.max_micro, bound.margin) == (100, 98, 0.02)
     capped = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64)
-    assert (capped.max_batch, capped.micro_batch) == (64, 64)
+    assert (capped.largest_pass, capped.max_micro) == (64, 64)
 
 
 @pytest.mark.parametrize(
-    ("max_batch", "margin", "expected"),
+    ("largest_pass", "margin", "expected"),
     [
         (16, 0.02, 15),
         (1863, 0.02, 1825),
@@ -123,8 +123,8 @@ def test_margin_applies_only_when_memory_bound() -> None:
         (2, 0.3, 1),
     ],
 )
-def test_apply_margin(max_batch: int, margin: float, expected: int) -> None:
-    assert apply_margin(max_batch, margin=margin, hit_limit=True) == expected
+def test_apply_margin(largest_pass: int, margin: float, expected: int) -> None:
+    assert apply_margin(largest_pass, margin=margin, hit_limit=True) == expected
 
 
 def test_margin_out_of_range() -> None:

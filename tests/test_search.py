@@ -7,13 +7,12 @@ import weakref
 
 import pytest
 import torch
+from helpers import OOM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoaccum import ConfigError, NoBatchFitsError, search_max_batch
-from autoaccum.search import max_trials
-
-OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+from autoaccum.probing.search import max_trials
 
 
 class Threshold:
@@ -45,10 +44,10 @@ def test_exact_sequence_of_sizes(limit: int, upper: int, lower: int, sequence: l
     trial = Threshold(limit)
     result = search_max_batch(trial, upper, lower=lower)
     assert trial.tried == sequence
-    assert result.max_batch == min(limit, upper)
-    assert result.micro_batch == result.max_batch
+    assert result.largest_pass == min(limit, upper)
+    assert result.max_micro == result.largest_pass
     assert [t.size for t in result.trials] == sequence
-    assert [t.fits for t in result.trials] == [s <= limit for s in sequence]
+    assert [t.passed for t in result.trials] == [s <= limit for s in sequence]
 
 
 @settings(max_examples=25, deadline=None)  # every failed trial runs a full gc.collect()
@@ -65,7 +64,7 @@ def test_finds_exact_largest_within_bound(limit: int, upper: int, lower: int) ->
         assert trial.tried == [lower]
         return
     result = search_max_batch(trial, upper, lower=lower)
-    assert result.max_batch == min(limit, upper)
+    assert result.largest_pass == min(limit, upper)
     assert max(trial.tried) <= upper
     assert len(trial.tried) <= max_trials(upper)
     assert len(set(trial.tried)) == len(trial.tried)  # never the same size twice
@@ -100,7 +99,7 @@ def test_cudnn_size_limit_only_after_a_pass() -> None:
         if size > 6:
             raise RuntimeError(message)
 
-    assert search_max_batch(limited, 64).max_batch == 6
+    assert search_max_batch(limited, 64).largest_pass == 6
 
     def always(size: int) -> None:
         raise RuntimeError(message)
@@ -136,7 +135,7 @@ def test_agree_makes_every_rank_take_the_same_branch() -> None:
     trial = Threshold(40)
     result = search_max_batch(trial, 64, agree=lambda failed: failed or trial.tried[-1] >= 16)
     assert trial.tried == [1, 2, 4, 8, 16, 12, 14, 15]
-    assert result.max_batch == 15
+    assert result.largest_pass == 15
     assert result.trials[4].failure == "oom (another rank)"
 
 
@@ -149,7 +148,7 @@ def test_bad_bounds(upper: int, lower: int) -> None:
 def test_records_are_plain_data() -> None:
     result = search_max_batch(Threshold(10), 64)
     data = result.to_dict()
-    assert data["max_batch"] == 10
+    assert data["largest_pass"] == 10
     assert data["limited_by"] == "memory"
     assert len(data["trials"]) == len(result.trials)  # type: ignore[arg-type]
     assert search_max_batch(Threshold(100), 64).limited_by == "upper=64"

@@ -1,0 +1,71 @@
+"""Turning a user's data into *windows*: the micro-batches of one optimizer step.
+
+A window holds exactly ``plan.per_rank`` samples of this rank (the last window of an
+epoch may be short), split into micro-batches per ``plan.micro_sizes`` (or
+``plan.window_sizes(n)`` for a short last window). Two strategies, one module each:
+
+* :class:`~autoaccum.train.data.loader.LoaderWindows` re-batches a DataLoader over a
+  map-style dataset (every micro-batch collated on its own);
+* :class:`~autoaccum.train.data.iterable.IterableWindows` re-chunks any other iterable
+  of batches along dim 0 (rank-local data).
+
+:func:`window_source` picks the one that fits the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+from torch.utils.data import DataLoader, IterableDataset
+
+from autoaccum.errors import ConfigError, check_count
+from autoaccum.plan import Plan
+from autoaccum.train.data.iterable import IterableWindows
+from autoaccum.train.data.loader import LoaderWindows
+from autoaccum.train.data.window import Window
+
+__all__ = ["Window", "WindowSource", "window_source"]
+
+
+class WindowSource(Protocol):
+    """What training reads its windows from."""
+
+    #: True when each rank holds its own data (windows are agreed on across ranks)
+    rank_local: bool
+
+    def samples_per_epoch(self) -> int | None: ...
+
+    def num_windows(self, plan: Plan) -> int | None: ...
+
+    def sample_batch(self, size: int) -> Any: ...
+
+    def windows(self, plan: Plan, epoch: int, *, skip: int = 0) -> Iterator[Window]: ...
+
+
+def window_source(
+    data: Iterable[Any], *, rank: int = 0, world_size: int = 1, seed: int = 0
+) -> WindowSource:
+    """The windows of ``data`` for this rank: a DataLoader over a map-style dataset is
+    re-batched, anything else iterable is re-chunked.
+
+    ``rank`` and ``world_size`` say which share of a DataLoader's dataset this process
+    reads; ``seed`` seeds the DistributedSampler built for a shuffling loader in a
+    distributed run, so that all ranks agree on the permutation.
+    """
+    world_size = check_count("world_size", world_size)
+    rank = check_count("rank", rank, minimum=0)
+    if rank >= world_size:
+        raise ConfigError(
+            f"rank {rank} is out of range for world_size {world_size}; ranks are "
+            f"0..{world_size - 1}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
+        return LoaderWindows(data, rank=rank, world_size=world_size, seed=seed)
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise ConfigError(
+            f"the data must be a DataLoader or an iterable of batches, got {type(data).__name__}"
+        )
+    return IterableWindows(data)

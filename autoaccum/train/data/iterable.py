@@ -1,0 +1,130 @@
+"""Re-chunking any other iterable of batches into windows of micro-batches.
+
+A list of batches, a generator, a DataLoader over an IterableDataset: batches are sliced
+and joined along dim 0 so that windows and micro-batches have exactly the planned sizes.
+At most one window of samples is held (plus the source batch being cut). Such data is
+rank-local: in a distributed run each rank's iterable must already hold that rank's own
+share of the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from autoaccum.errors import BatchError, check_count
+from autoaccum.plan import Plan
+from autoaccum.train.batches import concat_batches, slice_batch
+from autoaccum.train.data.window import Window, cut_window, measure, too_small
+
+__all__ = ["IterableWindows"]
+
+_END = object()
+
+
+class IterableWindows:
+    """The windows of an iterable of batches, re-chunked along dim 0, for one rank."""
+
+    #: each rank's iterable holds that rank's own share: windows must be agreed on
+    rank_local = True
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.data = data
+        #: the batches sample_batch() took and the iterator they came from, replayed at the
+        #: start of epoch 0 (so a one-shot generator loses nothing)
+        self._replay: tuple[list[tuple[Any, int]], Iterator[Any]] | None = None
+
+    def samples_per_epoch(self) -> int | None:
+        """Samples per epoch for a list or tuple of batches; None for anything else."""
+        if isinstance(self.data, Sequence) and not isinstance(self.data, (str, bytes)):
+            return sum(measure(batch, i) for i, batch in enumerate(self.data))
+        return None
+
+    def num_windows(self, plan: Plan) -> int | None:
+        samples = self.samples_per_epoch()
+        return None if samples is None else -(-samples // plan.per_rank)
+
+    def sample_batch(self, size: int) -> Any:
+        """The first ``min(size, available)`` samples of epoch 0, taken from the data and kept
+        for :meth:`windows` (taking them is the epoch's own work: nothing is drawn twice)."""
+        check_count("size", size)
+        if self._replay is None:
+            self._replay = ([], iter(self.data))
+        taken, source = self._replay
+        have = sum(n for _, n in taken)
+        while have < size:
+            batch = next(source, _END)
+            if batch is _END:
+                break
+            n = measure(batch, len(taken))
+            taken.append((batch, n))
+            have += n
+        if have == 0:
+            raise self._empty_error()
+        parts, need = [], min(size, have)
+        for batch, n in taken:
+            if need == 0:
+                break
+            if n:
+                parts.append(batch if n <= need else slice_batch(batch, 0, need))
+                need -= min(n, need)
+        return concat_batches(parts)
+
+    def windows(self, plan: Plan, epoch: int, *, skip: int = 0) -> Iterator[Window]:
+        """This epoch's windows of ``plan.per_rank`` samples; the last one may be short.
+
+        A one-shot iterator (a generator) yields its windows in epoch 0 and nothing later.
+        The first ``skip`` windows are read and left out (a resumed run).
+        """
+        taken: list[tuple[Any, int]] = []
+        if epoch == 0 and self._replay is not None:
+            (taken, source), self._replay = self._replay, None
+        elif epoch > 0 and isinstance(self.data, Iterator):
+            return iter(())  # a one-shot iterator has nothing left after epoch 0
+        else:
+            source = iter(self.data)
+        return self._rechunk(plan, epoch, taken, source, skip)
+
+    def _rechunk(
+        self,
+        plan: Plan,
+        epoch: int,
+        taken: list[tuple[Any, int]],
+        source: Iterator[Any],
+        skip: int,
+    ) -> Iterator[Window]:
+        per_rank = plan.per_rank
+        pieces: list[tuple[Any, int]] = []
+        have = total = index = 0
+
+        def measured() -> Iterator[tuple[Any, int]]:
+            yield from taken
+            for batch_index, batch in enumerate(source, start=len(taken)):
+                yield batch, measure(batch, batch_index)
+
+        for batch, n in measured():
+            total += n
+            start = 0
+            while start < n:
+                take = min(per_rank - have, n - start)
+                piece = batch if take == n else slice_batch(batch, start, start + take)
+                pieces.append((piece, take))
+                have += take
+                start += take
+                if have == per_rank:
+                    if index >= skip:
+                        yield cut_window(epoch, index, pieces, plan.micro_sizes, 0)
+                    pieces, have, index = [], 0, index + 1
+        if have and index >= skip:
+            sizes = plan.window_sizes(have)
+            window = cut_window(epoch, index, pieces, sizes, have - sum(sizes))
+            yield dataclasses.replace(window, dropped_because=too_small(plan.min_micro))
+        elif epoch == 0 and total == 0:
+            raise self._empty_error()
+
+    def _empty_error(self) -> BatchError:
+        return BatchError(
+            f"the data ({type(self.data).__name__}) yielded no samples in epoch 0; pass data "
+            "with at least one sample"
+        )

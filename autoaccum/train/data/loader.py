@@ -1,0 +1,322 @@
+"""Re-batching a DataLoader over a map-style dataset into windows of micro-batches.
+
+autoaccum keeps the user's dataset, sampler order, ``collate_fn`` and worker settings,
+but cuts the index order into micro index lists itself, so that every micro-batch is
+collated on its own (a padding ``collate_fn`` pads each micro-batch to its own longest
+sample) and every window holds exactly ``plan.per_rank`` samples. The loader's
+``batch_size`` does not matter; with ``drop_last=True`` the short last window of an
+epoch is dropped (and counted), otherwise it is trained, weighted by its own size.
+
+In a distributed run each rank reads its share through a DistributedSampler (the
+user's, or one autoaccum builds, shuffling iff the loader shuffled), so global window k
+is samples ``k·target_batch .. (k+1)·target_batch - 1`` of the epoch's order; like any
+DDP run, DistributedSampler repeats a few samples so that the dataset divides evenly
+among the ranks. A custom batch_sampler (e.g. bucketing) keeps only its order of
+indices: its grouping is replaced by autoaccum's windows.
+
+The random state advances exactly as the user's own loader would advance it: each
+epoch draws the workers' base seed and the sampler's permutation once, from the same
+generator, at the start of the epoch (the probe batch is collated from epoch 0's order
+without moving any random stream).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
+from torch.utils.data._utils.collate import default_collate, default_convert
+
+from autoaccum.errors import BatchError, ConfigError, check_count
+from autoaccum.plan import Plan
+from autoaccum.probing.state import preserved_rng
+from autoaccum.train.data.window import Window, too_small
+
+__all__ = ["LoaderWindows"]
+
+# DataLoader settings carried over to the re-batching loader, when this torch has them.
+_LOADER_SETTINGS = (
+    "num_workers",
+    "collate_fn",
+    "pin_memory",
+    "timeout",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "prefetch_factor",
+    "persistent_workers",
+    "pin_memory_device",
+    "in_order",
+)
+
+
+class _MicroIndexLists:
+    """A batch sampler whose index lists are replaced every epoch.
+
+    One re-batching DataLoader then serves every epoch, so persistent workers
+    really persist instead of a new pool being started (and leaked) per epoch.
+    """
+
+    def __init__(self) -> None:
+        self.lists: list[list[Any]] = []
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(self.lists)
+
+    def __len__(self) -> int:
+        return len(self.lists)
+
+
+def _fork_base_seed(generator: torch.Generator | None) -> torch.Generator:
+    """Draw the workers' base seed as the user's own loader would, and replay it elsewhere.
+
+    A DataLoader draws a base seed (from its generator, or torch's global RNG) when
+    an epoch starts, *before* its sampler draws the permutation. We draw the same
+    value at the same point so that a RandomSampler yields the very permutation the
+    user's loader would, and return a copy of the generator's state from before the
+    draw: the re-batching loader draws its base seed from that copy, so the workers
+    get the user's seeds and the real RNG advances exactly once per epoch, as it
+    would with the user's loader.
+    """
+    source = generator if generator is not None else torch.default_generator
+    replay = torch.Generator(device=source.device)
+    replay.set_state(source.get_state())
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return replay
+
+
+class LoaderWindows:
+    """The windows of a DataLoader over a map-style dataset, re-batched, for one rank."""
+
+    #: every rank reads its share of one dataset: windows line up across ranks
+    rank_local = False
+
+    def __init__(
+        self, loader: DataLoader[Any], *, rank: int = 0, world_size: int = 1, seed: int = 0
+    ) -> None:
+        self.loader = loader
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self._sampler: Iterable[Any] | None = None
+        self._batch_sampler: Iterable[Sequence[Any]] | None = None
+        self._collate_fn: Any = loader.collate_fn
+        self._micro_lists = _MicroIndexLists()
+        self._inner: DataLoader[Any] | None = None
+        #: an epoch's order drawn ahead of its windows (by sample_batch), with its seed replay
+        self._drawn: tuple[int, list[Any], torch.Generator | None] | None = None
+        self._setup()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup(self) -> None:
+        loader = self.loader
+        user_batch_sampler = loader.batch_sampler
+        if user_batch_sampler is None or type(user_batch_sampler) is BatchSampler:
+            # A plain BatchSampler only groups its sampler's order; take that order.
+            sampler = loader.sampler if user_batch_sampler is None else user_batch_sampler.sampler
+            self._sampler = self._rank_sampler(sampler)
+        elif self.world_size > 1:
+            raise ConfigError(
+                f"the DataLoader has a custom batch_sampler ({type(user_batch_sampler).__name__}), "
+                "which autoaccum cannot shard across ranks; pass a DataLoader with "
+                "sampler=DistributedSampler(dataset) instead (autoaccum makes the batches)"
+            )
+        else:
+            # Its grouping (e.g. bucketing) is replaced by autoaccum's windows; only
+            # the order of its indices is kept.
+            self._batch_sampler = user_batch_sampler
+        if loader.batch_sampler is None:  # batch_size=None: collate_fn sees single samples
+            if loader.collate_fn is not default_convert:
+                raise ConfigError(
+                    "the DataLoader has batch_size=None with a custom collate_fn, which then "
+                    "takes one sample at a time; autoaccum collates a list of samples per "
+                    "micro-batch. Pass batch_size=1 (autoaccum picks the micro-batch sizes) "
+                    "and a collate_fn that takes a list of samples"
+                )
+            self._collate_fn = default_collate
+
+    def _rank_sampler(self, sampler: Iterable[Any]) -> Iterable[Any]:
+        """The sampler giving this rank's index order."""
+        if isinstance(sampler, DistributedSampler):
+            if sampler.num_replicas != self.world_size or sampler.rank != self.rank:
+                raise ConfigError(
+                    f"the DataLoader's DistributedSampler is for rank {sampler.rank} of "
+                    f"{sampler.num_replicas}, but this process is rank {self.rank} of "
+                    f"{self.world_size}; build it with num_replicas={self.world_size}, "
+                    f"rank={self.rank}, or let autoaccum build it (pass shuffle=True/False)"
+                )
+            return sampler
+        if self.world_size == 1:
+            return sampler
+        if isinstance(sampler, (SequentialSampler, RandomSampler)):
+            return DistributedSampler(
+                self.loader.dataset,
+                num_replicas=self.world_size,
+                rank=self.rank,
+                shuffle=isinstance(sampler, RandomSampler),
+                seed=self.seed,
+                drop_last=False,
+            )
+        raise ConfigError(
+            f"the DataLoader's sampler ({type(sampler).__name__}) cannot be sharded across "
+            f"{self.world_size} ranks by autoaccum; pass a DataLoader with "
+            "sampler=DistributedSampler(dataset, num_replicas=world_size, rank=rank), "
+            "or shuffle=True/False and let autoaccum build one"
+        )
+
+    # ------------------------------------------------------------------ sizes
+
+    def samples_per_epoch(self) -> int | None:
+        """Samples this rank sees per epoch, or None when that is not knowable up front
+        (a custom batch_sampler, a sampler without a length)."""
+        if self._batch_sampler is not None or not isinstance(self._sampler, Sized):
+            return None
+        return len(self._sampler)
+
+    def num_windows(self, plan: Plan) -> int | None:
+        """Windows (optimizer steps) per epoch on this rank, or None when not knowable."""
+        samples = self.samples_per_epoch()
+        if samples is None:
+            return None
+        if self.loader.drop_last:
+            return samples // plan.per_rank
+        return math.ceil(samples / plan.per_rank)
+
+    # ------------------------------------------------------------------ order
+
+    def _draw(self, epoch: int) -> tuple[list[Any], torch.Generator | None]:
+        """This rank's index order for ``epoch`` and the generator for the workers' seed,
+        drawn as the user's loader draws them when an epoch starts.
+
+        The generator is None when the user's loader would draw no base seed this epoch
+        (persistent workers are seeded once, at their first epoch).
+        """
+        if self._drawn is not None and self._drawn[0] == epoch:
+            _, order, replay = self._drawn
+            self._drawn = None
+            return order, replay
+        loader = self.loader
+        persistent = loader.persistent_workers and loader.num_workers > 0
+        replay = None
+        if not (persistent and self._inner is not None):
+            replay = _fork_base_seed(loader.generator)
+        source = self._batch_sampler if self._batch_sampler is not None else self._sampler
+        set_epoch = getattr(source, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        if self._batch_sampler is not None:
+            order = [index for group in self._batch_sampler for index in group]
+        else:
+            assert self._sampler is not None  # set by _setup whenever there is no batch_sampler
+            order = list(self._sampler)
+        return order, replay
+
+    def collate(self, indices: Sequence[Any]) -> Any:
+        """One batch of ``indices``, fetched and collated as a worker would, on this process,
+        without moving any random stream (a random augmentation draws nothing that training
+        would otherwise have drawn)."""
+        dataset = self.loader.dataset
+        with preserved_rng():
+            getitems = getattr(dataset, "__getitems__", None)
+            samples = getitems(list(indices)) if getitems else [dataset[i] for i in indices]
+            return self._collate_fn(samples)
+
+    def sample_batch(self, size: int) -> Any:
+        """One host batch of the first ``min(size, available)`` samples of epoch 0 on this rank.
+
+        Epoch 0's order is drawn here, as the user's loader would draw it (the random
+        state advances), and kept for :meth:`windows`; the samples are collated in one
+        ``collate_fn`` call (so padding is realistic) without moving any random stream.
+        """
+        check_count("size", size)
+        if self._drawn is None:
+            self._drawn = (0, *self._draw(0))
+        indices = self._drawn[1][:size]
+        if not indices:
+            raise self._empty_error()
+        return self.collate(indices)
+
+    # ------------------------------------------------------------------ windows
+
+    def windows(self, plan: Plan, epoch: int, *, skip: int = 0) -> Iterator[Window]:
+        """This rank's windows of ``epoch``, in order, each ``plan.per_rank`` samples.
+
+        The order is drawn when this is called (the start of the epoch). The first ``skip``
+        windows are left out without fetching their samples (a resumed run).
+        """
+        order, replay = self._draw(epoch)
+        if epoch == 0 and not order:
+            raise self._empty_error()
+        micro_lists: list[list[Any]] = []
+        layout: list[tuple[int, tuple[int, ...], int, str]] = []
+        for index, start in enumerate(range(0, len(order), plan.per_rank)):
+            window = order[start : start + plan.per_rank]
+            if len(window) < plan.per_rank and self.loader.drop_last:
+                sizes: tuple[int, ...] = ()
+                why = "the DataLoader has drop_last=True"
+            else:
+                sizes = plan.window_sizes(len(window))
+                why = too_small(plan.min_micro)
+            if index < skip:
+                continue
+            layout.append((index, sizes, len(window) - sum(sizes), why))
+            offset = 0
+            for size in sizes:
+                micro_lists.append(window[offset : offset + size])
+                offset += size
+        return self._fetch(replay, micro_lists, layout, epoch)
+
+    def _inner_loader(self, replay: torch.Generator | None) -> DataLoader[Any]:
+        """The re-batching loader over the micro index lists (created once, reused)."""
+        loader = self.loader
+        if self._inner is None:
+            accepted = inspect.signature(DataLoader.__init__).parameters
+            settings = {
+                name: getattr(loader, name)
+                for name in _LOADER_SETTINGS
+                if name in accepted and hasattr(loader, name)
+            }
+            settings["collate_fn"] = self._collate_fn
+            if not settings.get("pin_memory_device"):
+                settings.pop("pin_memory_device", None)  # deprecated; pass only if set
+            self._inner = DataLoader(
+                loader.dataset, batch_sampler=self._micro_lists, generator=replay, **settings
+            )
+        elif replay is not None:
+            self._inner.generator = replay
+        return self._inner
+
+    def _fetch(
+        self,
+        replay: torch.Generator | None,
+        micro_lists: list[list[Any]],
+        layout: list[tuple[int, tuple[int, ...], int, str]],
+        epoch: int,
+    ) -> Iterator[Window]:
+        inner = self._inner_loader(replay)
+        self._micro_lists.lists = micro_lists  # replaced, never mutated: old epochs keep theirs
+        batches = iter(inner)
+        for index, sizes, dropped, why in layout:
+            micro_batches = tuple(next(batches) for _ in sizes)
+            yield Window(epoch, index, micro_batches, sum(sizes), dropped, why if dropped else "")
+
+    def _empty_error(self) -> BatchError:
+        try:
+            length = str(len(self.loader.dataset))  # type: ignore[arg-type]
+        except TypeError:
+            length = "unknown"
+        where = f" on rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
+        return BatchError(
+            f"the DataLoader (dataset of {length} samples){where} yielded no samples in epoch 0; "
+            "pass data with at least one sample"
+        )

@@ -1,0 +1,212 @@
+"""fit(): coordinates data → probe → plan → loop → result; the work is done elsewhere.
+
+The process group and the device (:mod:`autoaccum.distributed`), the plan and the loop
+(:class:`~autoaccum.train.accumulator.Accumulator`), the windows
+(:mod:`autoaccum.train.data`), and the console output (:mod:`autoaccum.render`, imported
+only when something is to be shown).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoaccum import distributed as D
+from autoaccum.errors import ConfigError, check_count
+from autoaccum.memory.collect import memory_report
+from autoaccum.memory.explain import explain
+from autoaccum.memory.footprint import footprint
+from autoaccum.probing.device import check_device
+from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
+from autoaccum.results import FitResult
+from autoaccum.train.accumulator import Accumulator
+from autoaccum.train.losses import CountFn, LossFn
+from autoaccum.train.model import check_model, has_batchnorm, train_mode
+
+__all__ = ["fit"]
+
+
+def fit(
+    model: nn.Module,
+    loader: Iterable[Any],
+    target_batch: int = 256,
+    *,
+    loss_fn: LossFn | None = None,
+    count_fn: CountFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    precision: str = "auto",
+    max_grad_norm: float | None = None,
+    max_micro: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    report: bool = True,
+    margin: float = DEFAULT_MARGIN,
+) -> FitResult:
+    """Train ``model`` on ``loader`` with ``target_batch`` samples per optimizer step.
+
+    The largest micro-batch that fits is probed with real samples of the first window
+    (skipped when ``max_micro`` is given), the accumulation is planned so that micro-batches
+    × ``accum_iter`` × ranks equal ``target_batch`` exactly, and every optimizer step applies
+    exactly the gradient of one big batch of the same samples — also for uneven micro
+    sizes, token-level losses (``count_fn``) and the short last window of an epoch.
+
+    ``loss_fn(model, batch)`` returns the *mean* loss over the batch's items and
+    ``count_fn(batch)`` how many items that is (default: samples; for the default loss on
+    ``(inputs, integer targets)``, the targets that are not ``-100``). ``optimizer=None``
+    means AdamW over the model's parameters; ``scheduler`` steps once per optimizer step.
+    Under ``torchrun`` (or an initialised process group) ``target_batch`` is the global
+    batch over all ranks and the model is wrapped in DistributedDataParallel. The model
+    trains in train mode and is handed back in the mode it came in.
+
+    A single-process run that still runs out of memory mid-training re-runs that window
+    with a 10% smaller micro-batch (nothing of it had reached the weights) and keeps the
+    smaller plan.
+    """
+    started = time.perf_counter()
+    check_model(model)
+    check_count("target_batch", target_batch)
+    check_count("epochs", epochs)
+    if max_steps is not None:
+        check_count("max_steps", max_steps)
+    if max_micro is not None:
+        check_count("max_micro", max_micro)
+    check_margin(margin)
+    wanted = check_device(device) if device is not None else None  # before the model moves
+    created_group = D.init_from_env(wanted.type if wanted is not None else None)
+    try:
+        info = D.current()
+        dev = D.select_device(wanted, info)
+        model.to(dev)
+        acc = Accumulator(
+            model,
+            optimizer,
+            target_batch=target_batch,
+            loss_fn=loss_fn,
+            count_fn=count_fn,
+            scheduler=scheduler,
+            precision=precision,
+            max_grad_norm=max_grad_norm,
+            margin=margin,
+            device=dev,
+            prefetch=dev.type == "cuda" and bool(getattr(loader, "pin_memory", False)),
+        )
+        with train_mode(model):
+            if max_micro is not None:
+                acc.replan(max_micro)
+            else:  # the probe sees the first window's samples, as training will
+                acc.probe(acc.source(loader).sample_batch(acc.target_batch // info.world_size))
+            _warn_batchnorm(acc)
+            losses, samples, items, epochs_started, skipped = _train(
+                acc, loader, epochs, max_steps, progress and info.is_main
+            )
+        assert acc.plan is not None  # planned above
+        memory, fixed = memory_report(dev), footprint(model, acc.optimizer)
+        result = FitResult(
+            plan=acc.plan,
+            probe=acc.probe_result,
+            optimizer_steps=len(losses) - skipped,
+            samples_seen=samples,
+            losses=tuple(losses),
+            epochs=epochs_started,
+            seconds=time.perf_counter() - started,
+            precision=acc.precision,
+            device=str(dev),
+            skipped_steps=skipped,
+            oom_retries=acc.resizer.oom_retries,
+            resizes=tuple(acc.resizer.resizes),
+            samples_dropped=acc.samples_dropped,
+            tokens_seen=items,
+            memory=memory,
+            footprint=fixed,
+            breakdown=explain(acc.probe_result, acc.plan, fixed, memory),
+        )
+        if report and info.is_main:
+            from autoaccum.render import print_fit_report
+
+            print_fit_report(result)
+        return result
+    finally:
+        if created_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _warn_batchnorm(acc: Accumulator) -> None:
+    plan = acc.plan
+    if plan is not None and plan.accum_iter > 1 and has_batchnorm(acc.module):
+        warnings.warn(
+            f"the model has BatchNorm and accum_iter is {plan.accum_iter}: its batch "
+            f"statistics see micro-batches of ~{plan.micro_batch} samples, not the window of "
+            f"{plan.per_rank}, so training is not exactly full-batch for those layers. "
+            "Consider GroupNorm/LayerNorm, or SyncBatchNorm across ranks",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _train(
+    acc: Accumulator,
+    loader: Iterable[Any],
+    epochs: int,
+    max_steps: int | None,
+    progress: bool,
+) -> tuple[list[float], int, float, int, int]:
+    """(window losses, samples, items, epochs started, steps the GradScaler skipped)."""
+    assert acc.plan is not None
+    per_epoch = acc.source(loader).num_windows(acc.plan)
+    total = per_epoch * epochs if per_epoch is not None else None
+    if max_steps is not None:
+        total = min(total, max_steps) if total is not None else max_steps
+    losses: list[float] = []
+    samples = skipped = epochs_started = 0
+    items = 0.0
+    with _progress_bar(progress, total, acc.plan.describe()) as bar:
+        for epoch in range(epochs):
+            if max_steps is not None and len(losses) >= max_steps:
+                break
+            epochs_started += 1
+            windows = 0
+            for window in acc.windows(loader, epoch):  # a plan shrunk by an OOM applies next
+                outcome = acc.train_window(window)
+                windows += 1
+                losses.append(outcome.loss)
+                samples += outcome.samples
+                items += outcome.items
+                skipped += not outcome.stepped
+                bar.update(samples=outcome.samples, loss=outcome.loss)
+                if max_steps is not None and len(losses) >= max_steps:
+                    break
+            if windows == 0 and epoch > 0:
+                raise ConfigError(
+                    f"epoch {epoch} yielded no data: the loader is a one-shot iterator that was "
+                    "used up by the previous epoch. Pass a re-iterable (a DataLoader or a list "
+                    "of batches) to train for several epochs"
+                )
+    return losses, samples, items, epochs_started, skipped
+
+
+def _progress_bar(enabled: bool, total: int | None, plan_text: str) -> Any:
+    """The console progress bar (rich), only when it is to be shown."""
+    if not enabled:
+        return _NoBar()
+    from autoaccum.render import TrainProgress
+
+    return TrainProgress(enabled=True, total=total, plan_text=plan_text)
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, *, samples: int, loss: float) -> None:
+        return None

@@ -1,0 +1,166 @@
+"""Default loss and item counts, and the Protocols for the ones users pass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from autoaccum.errors import ConfigError
+from autoaccum.train.batches import batch_size
+
+__all__ = [
+    "CountFn",
+    "LossFn",
+    "check_loss",
+    "count_tokens",
+    "default_count",
+    "default_loss",
+    "resolve_loss",
+]
+
+IGNORE_INDEX = -100
+
+
+class LossFn(Protocol):
+    """``loss_fn(model, batch)``: the *mean* loss over the items of one micro-batch."""
+
+    def __call__(self, model: nn.Module, batch: Any, /) -> torch.Tensor: ...
+
+
+class CountFn(Protocol):
+    """``count_fn(batch)``: how many items the mean of ``loss_fn`` is over."""
+
+    def __call__(self, batch: Any, /) -> int | torch.Tensor: ...
+
+
+def _loss_attr(out: Any) -> torch.Tensor | None:
+    if isinstance(out, Mapping) and "loss" in out:
+        return out["loss"]  # type: ignore[no-any-return]
+    loss = getattr(out, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def _is_pair(batch: Any) -> bool:
+    return isinstance(batch, (tuple, list)) and len(batch) == 2
+
+
+def _class_targets(batch: Any) -> torch.Tensor | None:
+    if not _is_pair(batch):
+        return None
+    targets = batch[1]
+    if isinstance(targets, torch.Tensor) and not targets.is_floating_point():
+        return targets
+    return None
+
+
+_NO_DEFAULT = (
+    "the default loss_fn understands a model whose output has a `.loss` (Hugging Face style, "
+    "batches given as dicts of keyword arguments) and (inputs, integer targets) pairs trained "
+    "with cross-entropy; {what}. Pass loss_fn=lambda model, batch: <mean loss over the batch's "
+    "items> (and count_fn when items are not samples, e.g. tokens)"
+)
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The mean loss of ``batch`` for the common shapes of training data.
+
+    - a dict batch is passed as keyword arguments; the output's ``loss`` is used;
+    - an ``(inputs, targets)`` pair with integer targets: cross-entropy of ``model(inputs)``
+      (logits ``(..., classes)``, targets ``(...)``; ``-100`` is ignored, as in Hugging Face).
+    """
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+        loss = _loss_attr(out)
+        if loss is None:
+            raise ConfigError(
+                _NO_DEFAULT.format(what="the model's output for a dict batch has no loss")
+            )
+        return loss
+    targets = _class_targets(batch)
+    if targets is None:
+        raise ConfigError(
+            _NO_DEFAULT.format(what=f"this batch is a {type(batch).__name__} of another shape")
+        )
+    out = model(batch[0])
+    loss = _loss_attr(out)
+    if loss is not None:
+        return loss
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != targets.dim() + 1:
+        raise ConfigError(
+            _NO_DEFAULT.format(
+                what=f"the model returned {type(logits).__name__} of shape "
+                f"{tuple(getattr(logits, 'shape', ()))} for targets of shape {tuple(targets.shape)}"
+            )
+        )
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def default_count(batch: Any) -> int | torch.Tensor:
+    """Items behind :func:`default_loss`'s mean: non-ignored targets of an (inputs, targets)
+    pair with integer targets, else samples (the size of dim 0)."""
+    targets = _class_targets(batch)
+    if targets is not None:
+        return (targets != IGNORE_INDEX).sum()
+    return batch_size(batch)
+
+
+def count_tokens(
+    key: str = "labels", *, shift: bool = True, ignore_index: int = IGNORE_INDEX
+) -> CountFn:
+    """A ``count_fn`` for token-level losses: the number of target tokens in ``batch[key]``.
+
+    ``shift=True`` matches causal language models (Hugging Face shifts labels by one, so
+    the first position of every sequence is never a target).
+    """
+
+    def count(batch: Any) -> torch.Tensor:
+        labels = batch[key]
+        if shift:
+            labels = labels[..., 1:]
+        count: torch.Tensor = (labels != ignore_index).sum()
+        return count
+
+    return count
+
+
+def check_loss(loss: object, where: str) -> torch.Tensor:
+    """``loss`` if it is a scalar tensor that can be backpropagated, else a clear error."""
+    if not isinstance(loss, torch.Tensor):
+        raise ConfigError(
+            f"loss_fn must return a scalar torch.Tensor, but it returned {type(loss).__name__} "
+            f"({where})"
+        )
+    if loss.numel() != 1:
+        raise ConfigError(
+            f"loss_fn must return the mean loss over the micro-batch (a scalar), but it returned "
+            f"a tensor of shape {tuple(loss.shape)} ({where}); reduce it with .mean()"
+        )
+    if not loss.requires_grad:
+        raise ConfigError(
+            f"the loss returned by loss_fn does not require grad ({where}): it was computed "
+            "without the model's trainable parameters (under torch.no_grad(), or detached)"
+        )
+    return loss.reshape(())
+
+
+def resolve_loss(loss_fn: LossFn | None, count_fn: CountFn | None) -> tuple[LossFn, CountFn]:
+    """The loss and count functions to train with: the user's, or the defaults.
+
+    Without ``loss_fn`` the default loss is used and, without ``count_fn``, its own count
+    (:func:`default_count`); a user's ``loss_fn`` without ``count_fn`` is weighted by samples.
+    """
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
+    if count_fn is not None and not callable(count_fn):
+        raise ConfigError(f"count_fn must be callable or None, got {type(count_fn).__name__}")
+    loss = loss_fn if loss_fn is not None else default_loss
+    if count_fn is not None:
+        return loss, count_fn
+    return loss, default_count if loss_fn is None else batch_size

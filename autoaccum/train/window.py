@@ -1,0 +1,209 @@
+"""A window in training: its micro-batches with their weights, and its running state.
+
+The window's loss is the item-weighted mean over every item (sample or token) of the
+window on every rank:  L = Σ_i mean_i · count_i / N,  N = Σ_i count_i over all ranks.
+Counts are known before the first backward (the window is collated on the host and
+``count_fn`` runs there; the total is all-reduced once, :func:`open_window`), so micro-step
+i backpropagates ``mean_i · count_i · world / N``: DDP's gradient average over ``world``
+ranks then lands exactly on ∇L. Dividing by ``accum_iter`` instead is only right when
+every micro-batch carries the same number of items, which uneven splits (86, 85, 85),
+token-level losses and the short last window of an epoch all break.
+
+The open window's running state (:class:`OpenWindow`) keeps what went through backward
+and the float64 loss sum; :class:`BufferBackup` the buffers to put back if the window is
+dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from autoaccum import distributed as D
+from autoaccum.errors import ConfigError, check_item_count
+from autoaccum.train.batches import batch_size
+from autoaccum.train.data.window import Window
+from autoaccum.train.losses import CountFn
+
+__all__ = [
+    "BufferBackup",
+    "Micro",
+    "OpenWindow",
+    "StepOutcome",
+    "TrainWindow",
+    "count_window",
+    "open_window",
+]
+
+
+class _Opener(Protocol):
+    """What opens a window: the :class:`~autoaccum.train.accumulator.Accumulator`."""
+
+    def begin(self, window: TrainWindow) -> list[Micro]: ...
+
+
+@dataclass(frozen=True)
+class Micro:
+    """One micro-batch of a window, with the weight its mean loss gets in the window's loss."""
+
+    batch: Any  #: the host batch
+    index: int  #: 0-based position in its window
+    count: float  #: items its mean loss is over (``count_fn``)
+    weight: float  #: ``count · world_size / N``: its share of the window's loss, times ranks
+    last: bool  #: the micro-step that reduces the window's gradients across ranks
+    window: TrainWindow = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one window's optimizer step did."""
+
+    loss: float  #: the true window loss (item-weighted, all ranks)
+    samples: int  #: samples in the window (all ranks)
+    items: float  #: items behind the loss (all ranks)
+    stepped: bool  #: False when the fp16 GradScaler skipped the step (inf/NaN gradients)
+
+
+class TrainWindow:
+    """A window bound to its accumulator; iterating it yields its :class:`Micro`\\ s.
+
+    Iterating counts the items of every micro-batch first (all-reduced across ranks), so each
+    micro-batch knows its weight before the first backward.
+    """
+
+    def __init__(self, accumulator: _Opener, window: Window) -> None:
+        self.accumulator = accumulator
+        self.data = window
+
+    @property
+    def epoch(self) -> int:
+        return self.data.epoch
+
+    @property
+    def index(self) -> int:
+        return self.data.index
+
+    @property
+    def samples(self) -> int:
+        return self.data.samples
+
+    def __len__(self) -> int:
+        return len(self.data.micro_batches)
+
+    def __iter__(self) -> Iterator[Micro]:
+        return iter(self.accumulator.begin(self))
+
+
+def count_window(
+    micro_batches: Sequence[Any], count_fn: CountFn, info: D.DistInfo, where: str
+) -> tuple[list[float], float, int]:
+    """(items per micro-batch, items of the window on all ranks, samples on all ranks)."""
+    counts = [
+        check_item_count(count_fn(mb), f"{where}, micro-batch {i + 1}")
+        for i, mb in enumerate(micro_batches)
+    ]
+    totals = torch.tensor(
+        [sum(counts), float(sum(batch_size(mb) for mb in micro_batches))], dtype=torch.float64
+    )
+    D.all_reduce_sum(totals, info)
+    items, samples = float(totals[0]), int(totals[1])
+    if items <= 0:
+        raise ConfigError(
+            f"count_fn counted 0 items in the whole window ({where}); every window needs at "
+            "least one item (e.g. a target token that is not ignored) to define a mean loss"
+        )
+    return counts, items, samples
+
+
+class BufferBackup:
+    """The model's buffers (BatchNorm statistics, counters) as they were when a window began,
+    so that a window that is dropped (an error, an out-of-memory retry) leaves no trace in
+    them. The copies are allocated once and refilled in place."""
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def save(self, model: nn.Module) -> None:
+        buffers = [D.local_tensor(b) for b in model.buffers()]
+        if [b for b, _ in self._pairs] != buffers or any(
+            b.shape != c.shape or b.dtype != c.dtype for b, c in self._pairs
+        ):
+            self._pairs = [(b, b.detach().clone()) for b in buffers]
+            return
+        for buffer, copy in self._pairs:
+            copy.copy_(buffer)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for buffer, copy in self._pairs:
+            buffer.copy_(copy)
+
+
+class OpenWindow:
+    """The running state of the window being trained: micro-steps done, the loss so far."""
+
+    def __init__(self, micros: int, items: float, samples: int, device: torch.device) -> None:
+        self.micros = micros
+        self.items = items
+        self.samples = samples
+        self.done = 0
+        # float64 accumulation of the reported loss; MPS has no float64
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.loss_sum = torch.zeros((), dtype=dtype, device=device)
+        self.micro_losses: list[torch.Tensor] = []
+        self.upcoming: Any = None  #: the next micro-batch, already on its way to the device
+
+    def expect(self, index: int) -> None:
+        """Check that micro-batch ``index`` is the next one to go through backward."""
+        if index != self.done:
+            raise ConfigError(
+                f"backward() got micro-batch {index + 1} of {self.micros} but expected "
+                f"{self.done + 1}: each micro-batch once, in order"
+            )
+
+    def add(self, loss: torch.Tensor, count: float) -> None:
+        """Record micro-step ``self.done``'s mean loss over ``count`` items."""
+        value = loss.to(self.loss_sum.dtype)
+        self.micro_losses.append(value)
+        if count:  # a micro-batch without items adds nothing (its mean may be NaN: 0/0)
+            self.loss_sum += value * count
+        self.done += 1
+
+    def window_loss(self, info: D.DistInfo) -> float:
+        """The item-weighted mean loss of the whole window, over all ranks."""
+        D.all_reduce_sum(self.loss_sum, info)
+        return float(self.loss_sum) / self.items
+
+    def non_finite_message(self, window_loss: float, where: str, info: D.DistInfo) -> str:
+        bad = [i for i, value in enumerate(self.micro_losses) if not torch.isfinite(value)]
+        detail = (
+            f"micro-batch {bad[0] + 1} of {len(self.micro_losses)} on rank {info.rank} gave "
+            f"{float(self.micro_losses[bad[0]])}"
+            if bad
+            else f"a micro-batch on another of the {info.world_size} ranks was non-finite"
+        )
+        return (
+            f"the loss was {window_loss} at {where}: {detail}. Nothing of this window was applied "
+            "to the weights. Check the data of that window for NaN/inf, lower the learning rate, "
+            "set max_grad_norm, or use precision='bf16' instead of 'fp16'"
+        )
+
+
+def open_window(
+    window: TrainWindow, count_fn: CountFn, info: D.DistInfo, device: torch.device, where: str
+) -> tuple[list[Micro], OpenWindow]:
+    """The window's micro-batches with their weights, and its fresh running state."""
+    batches = window.data.micro_batches
+    counts, items, samples = count_window(batches, count_fn, info, where)
+    world = info.world_size if info.active else 1
+    last = len(counts) - 1
+    micros = [
+        Micro(batch, i, count, count * world / items, i == last, window)
+        for i, (batch, count) in enumerate(zip(batches, counts, strict=True))
+    ]
+    return micros, OpenWindow(len(micros), items, samples, device)

@@ -1,0 +1,257 @@
+"""Windows from a DataLoader over a map-style dataset: exact sizes, sampler order, collation
+per micro-batch, the user's permutation, sharding across ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from datasets import Sequences, ids_dataset, ids_of, micro_sizes, pad_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    Sampler,
+)
+
+from autoaccum.errors import BatchError, ConfigError
+from autoaccum.plan import make_plan
+from autoaccum.train.data import window_source
+from autoaccum.train.data.loader import LoaderWindows
+
+
+def test_loader_windows_hold_target_samples_in_sampler_order() -> None:
+    loader = DataLoader(ids_dataset(600), batch_size=32)
+    stream = window_source(loader)
+    plan = make_plan(256, 100)
+    windows = list(stream.windows(plan, 0))
+
+    assert isinstance(stream, LoaderWindows)
+    assert [w.index for w in windows] == [0, 1, 2]
+    assert [w.samples for w in windows] == [256, 256, 88]
+    assert micro_sizes(windows[0]) == (86, 85, 85)
+    assert micro_sizes(windows[1]) == (86, 85, 85)
+    assert micro_sizes(windows[2]) == plan.window_sizes(88) == (44, 44)
+    assert [i for w in windows for i in ids_of(w)] == list(range(600))
+    assert stream.samples_per_epoch() == 600
+    assert stream.num_windows(plan) == 3
+
+
+def test_loader_batch_size_is_ignored_and_drop_last_drops_the_short_window() -> None:
+    kept = list(
+        window_source(DataLoader(ids_dataset(50), batch_size=7)).windows(make_plan(20, 8), 0)
+    )
+    assert [w.samples for w in kept] == [20, 20, 10]
+    assert [i for w in kept for i in ids_of(w)] == list(range(50))
+    source = window_source(DataLoader(ids_dataset(50), batch_size=7, drop_last=True))
+    dropped = list(source.windows(make_plan(20, 8), 0))
+    assert [(w.samples, w.dropped) for w in dropped] == [(20, 0), (20, 0), (0, 10)]
+    assert dropped[-1].micro_batches == ()
+    assert "drop_last=True" in dropped[-1].dropped_because
+    assert source.num_windows(make_plan(20, 8)) == 2
+
+
+def test_loader_without_auto_collation_is_batched_by_default_collate() -> None:
+    loader = DataLoader(torch.arange(10).float(), batch_size=None)
+    (window,) = window_source(loader).windows(make_plan(10, 4), 0)
+    assert [m.tolist() for m in window.micro_batches] == [
+        [0.0, 1.0, 2.0, 3.0],
+        [4.0, 5.0, 6.0],
+        [7.0, 8.0, 9.0],
+    ]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_micro_batch_is_collated_on_its_own(num_workers: int) -> None:
+    lengths = [1, 9, 2, 3, 1, 2, 7, 1, 1, 4, 5, 2, 1]
+    loader = DataLoader(
+        Sequences(lengths),
+        batch_size=13,
+        collate_fn=pad_collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+    stream = window_source(loader)
+    plan = make_plan(6, 2)  # windows 6, 6, 1; micro-batches of 2
+    for epoch in range(2):  # twice, so persistent workers serve a second epoch
+        windows = list(stream.windows(plan, epoch))
+        assert [w.samples for w in windows] == [6, 6, 1]
+        seen: list[int] = []
+        for window in windows:
+            for micro in window.micro_batches:
+                ids = micro["ids"].tolist()
+                seen.extend(ids)
+                assert micro["tokens"].shape == (len(ids), max(lengths[i] for i in ids))
+                assert micro["lengths"].tolist() == [lengths[i] for i in ids]
+        assert seen == list(range(13))
+
+
+def test_shuffle_gives_the_user_loaders_permutation_every_epoch() -> None:
+    loader = DataLoader(ids_dataset(40), batch_size=8, shuffle=True)
+
+    torch.manual_seed(0)
+    expected = [torch.cat([b[0] for b in loader]).tolist() for _ in range(3)]
+    after_user = torch.rand(1)
+
+    torch.manual_seed(0)
+    stream = window_source(loader)
+    plan = make_plan(16, 5)
+    got = [[i for w in stream.windows(plan, e) for i in ids_of(w)] for e in range(3)]
+    after_stream = torch.rand(1)
+
+    assert got == expected
+    assert expected[0] != expected[1]
+    assert torch.equal(after_user, after_stream)  # the global RNG advanced as much
+
+
+def test_shuffle_with_a_loader_generator_matches_the_user_loader() -> None:
+    loader = DataLoader(ids_dataset(30), batch_size=4, shuffle=True, generator=torch.Generator())
+    loader.generator.manual_seed(7)
+    expected = [torch.cat([b[0] for b in loader]).tolist() for _ in range(2)]
+    loader.generator.manual_seed(7)
+    stream = window_source(loader)
+    got = [[i for w in stream.windows(make_plan(9, 4), e) for i in ids_of(w)] for e in range(2)]
+    assert got == expected
+
+
+def test_sample_batch_is_one_collate_call_over_the_start_of_epoch_0() -> None:
+    calls: list[int] = []
+
+    def counting_collate(samples: list[tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        calls.append(len(samples))
+        return pad_collate(samples)
+
+    lengths = [3, 1, 4, 1, 5, 9, 2, 6]
+    loader = DataLoader(Sequences(lengths), batch_size=2, shuffle=True, collate_fn=counting_collate)
+    torch.manual_seed(1)
+    stream = window_source(loader)
+    probe = stream.sample_batch(5)
+    assert calls == [5]
+    first = list(stream.windows(make_plan(8, 8), 0))
+    assert first[0].micro_batches[0]["ids"].tolist()[:5] == probe["ids"].tolist()
+    assert probe["tokens"].shape == (5, max(lengths[i] for i in probe["ids"].tolist()))
+
+
+def test_sample_batch_larger_than_the_data_returns_all_of_it() -> None:
+    stream = window_source(DataLoader(ids_dataset(6), batch_size=4))
+    assert stream.sample_batch(100)[0].tolist() == list(range(6))
+    listed = window_source([torch.arange(4), torch.arange(4, 7)])
+    assert listed.sample_batch(100).tolist() == list(range(7))
+    assert listed.sample_batch(5).tolist() == list(range(5))
+
+
+def test_distributed_window_k_is_global_samples_k_target_to_k_plus_1_target() -> None:
+    target, n = 20, 110
+    plan = make_plan(target, 4, world_size=2)  # 10 per rank: 4, 3, 3
+    loader = DataLoader(ids_dataset(n), batch_size=16)
+    per_rank = [list(window_source(loader, rank=r, world_size=2).windows(plan, 0)) for r in (0, 1)]
+    assert [len(ws) for ws in per_rank] == [6, 6]
+    for k in range(6):
+        windows = [per_rank[r][k] for r in (0, 1)]
+        union = sorted(i for w in windows for i in ids_of(w))
+        assert union == list(range(k * target, min((k + 1) * target, n)))
+        assert ids_of(windows[1]) == [i + 1 for i in ids_of(windows[0])]  # striding
+    assert micro_sizes(per_rank[0][0]) == (4, 3, 3)
+    assert per_rank[0][5].samples == 5
+
+
+def test_distributed_shuffle_builds_a_seeded_sampler_that_changes_per_epoch() -> None:
+    loader = DataLoader(ids_dataset(40), batch_size=8, shuffle=True)
+    plan = make_plan(10, 5, world_size=2)
+    streams = [window_source(loader, rank=r, world_size=2, seed=3) for r in (0, 1)]
+
+    def epoch(e: int) -> list[list[int]]:
+        return [[i for w in s.windows(plan, e) for i in ids_of(w)] for s in streams]
+
+    e0, e1 = epoch(0), epoch(1)
+    assert sorted(e0[0] + e0[1]) == list(range(40))
+    assert sorted(e1[0] + e1[1]) == list(range(40))
+    assert e0 != e1
+    assert e0[0] != list(range(0, 40, 2))  # shuffled, not sequential
+    again = window_source(loader, rank=0, world_size=2, seed=3)
+    assert [i for w in again.windows(plan, 1) for i in ids_of(w)] == e1[0]
+
+
+def test_a_users_distributed_sampler_is_used_and_set_epoch_called() -> None:
+    dataset = ids_dataset(24)
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=5)
+    loader = DataLoader(dataset, batch_size=4, sampler=sampler)
+    stream = window_source(loader, rank=1, world_size=2)
+    got = [i for w in stream.windows(make_plan(8, 4, world_size=2), 3) for i in ids_of(w)]
+    assert sampler.epoch == 3
+    reference = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=5)
+    reference.set_epoch(3)
+    assert got == list(reference)
+    assert stream.samples_per_epoch() == 12
+
+
+def test_a_distributed_sampler_for_another_rank_is_a_config_error() -> None:
+    dataset = ids_dataset(8)
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=0)
+    with pytest.raises(ConfigError, match="rank 0 of 2"):
+        window_source(DataLoader(dataset, sampler=sampler), rank=1, world_size=2)
+
+
+class Reversed(Sampler[int]):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.n - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class Buckets(Sampler[list[int]]):
+    """A bucketing batch sampler: groups of uneven size, in its own order."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([[5, 4], [0, 1, 2], [3]])
+
+    def __len__(self) -> int:
+        return 3
+
+
+def test_a_custom_sampler_is_followed_in_a_single_process() -> None:
+    loader = DataLoader(ids_dataset(9), batch_size=2, sampler=Reversed(9))
+    windows = list(window_source(loader).windows(make_plan(4, 4), 0))
+    assert [ids_of(w) for w in windows] == [[8, 7, 6, 5], [4, 3, 2, 1], [0]]
+
+
+def test_a_custom_sampler_in_a_distributed_run_is_a_config_error() -> None:
+    loader = DataLoader(ids_dataset(9), sampler=Reversed(9))
+    with pytest.raises(ConfigError, match="DistributedSampler"):
+        window_source(loader, rank=0, world_size=2)
+
+
+def test_a_custom_batch_sampler_is_flattened_in_a_single_process() -> None:
+    stream = window_source(DataLoader(ids_dataset(6), batch_sampler=Buckets()))
+    windows = list(stream.windows(make_plan(4, 2), 0))
+    assert [ids_of(w) for w in windows] == [[5, 4, 0, 1], [2, 3]]
+    assert micro_sizes(windows[0]) == (2, 2)
+    assert stream.samples_per_epoch() is None
+    with pytest.raises(ConfigError, match="batch_sampler"):
+        window_source(DataLoader(ids_dataset(6), batch_sampler=Buckets()), world_size=2)
+
+
+def test_a_plain_batch_sampler_contributes_its_samplers_order() -> None:
+    batch_sampler = BatchSampler(Reversed(5), batch_size=2, drop_last=True)
+    stream = window_source(DataLoader(ids_dataset(5), batch_sampler=batch_sampler))
+    assert [i for w in stream.windows(make_plan(3, 3), 0) for i in ids_of(w)] == [4, 3, 2, 1, 0]
+
+
+@pytest.mark.parametrize(("rank", "world_size"), [(0, 0), (2, 2), (-1, 2), (0, 1.5), (True, 2)])
+def test_invalid_rank_or_world_size_is_a_config_error(rank: Any, world_size: Any) -> None:
+    with pytest.raises(ConfigError):
+        window_source([torch.ones(2)], rank=rank, world_size=world_size)
+
+
+def test_an_empty_loader_is_a_batch_error() -> None:
+    stream = window_source(DataLoader(ids_dataset(0)))
+    with pytest.raises(BatchError, match="yielded no samples"):
+        list(stream.windows(make_plan(4, 2), 0))
+    with pytest.raises(BatchError, match="yielded no samples"):
+        stream.sample_batch(4)

@@ -1,0 +1,158 @@
+"""The package's shape: no import circles, rich only in the renderer, data that never knows how
+it is drawn, small modules. Checked over every module, and shown to catch a violation."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import autoaccum
+
+PACKAGE = Path(autoaccum.__file__).parent
+#: the front doors that print: the command line, and fit() when asked to show progress/report
+MAY_IMPORT_RENDERER = {"autoaccum.cli", "autoaccum.train.fit"}
+#: modules that hold or compute data; they never import a front door or the renderer
+DATA = (
+    "autoaccum.results",
+    "autoaccum.plan",
+    "autoaccum.errors",
+    "autoaccum.probing",
+    "autoaccum.memory",
+)
+MAX_LINES = 350
+
+
+def modules(root: Path) -> dict[str, Path]:
+    found = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at module level or inside a function (lazily)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def graph(root: Path) -> dict[str, set[str]]:
+    """Module → the package's modules it imports (a package's own __init__ excluded)."""
+    mods = modules(root)
+    return {
+        name: {t for t in imports(path) if t in mods and t != name and not name.startswith(t + ".")}
+        for name, path in mods.items()
+    }
+
+
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: strongly connected components of more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def violations(root: Path) -> list[str]:
+    """Every break of the package's structural rules under ``root``."""
+    mods = modules(root)
+    edges = graph(root)
+    package = root.name
+    renderer = f"{package}.render"
+    problems = [f"circle: {' <-> '.join(c)}" for c in circles(edges)]
+    for name, path in sorted(mods.items()):
+        uses = imports(path)
+        in_renderer = name == renderer or name.startswith(renderer + ".")
+        if not in_renderer and any(u == "rich" or u.startswith("rich.") for u in uses):
+            problems.append(f"{name} imports rich outside {renderer}")
+        draws = any(u == renderer or u.startswith(renderer + ".") for u in uses)
+        front_doors = {d.replace("autoaccum", package, 1) for d in MAY_IMPORT_RENDERER}
+        if draws and not in_renderer and name not in front_doors:
+            problems.append(f"{name} imports the renderer")
+        data = tuple(d.replace("autoaccum", package, 1) for d in DATA)
+        if name.startswith(data) and any(
+            u.startswith((f"{package}.train.fit", f"{package}.cli")) for u in uses
+        ):
+            problems.append(f"{name} (data) imports a front door")
+        lines = path.read_text().count("\n")
+        if lines > MAX_LINES:
+            problems.append(f"{name} has {lines} lines (over {MAX_LINES})")
+    return problems
+
+
+def test_the_package_keeps_its_structure() -> None:
+    assert violations(PACKAGE) == []
+
+
+def test_the_data_classes_do_not_know_how_they_are_drawn() -> None:
+    for path in modules(PACKAGE).values():
+        assert "__rich__" not in path.read_text(), path
+
+
+def _write(root: Path, name: str, source: str) -> None:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(source)
+
+
+def test_the_check_catches_each_kind_of_violation(tmp_path: Path) -> None:
+    """A package that breaks every rule once: each break is reported."""
+    root = tmp_path / "autoaccum"
+    _write(root, "__init__.py", "")
+    _write(root, "results.py", "from autoaccum.plan import X\n")
+    _write(root, "plan.py", "from autoaccum.results import Y\n")  # a circle
+    _write(root, "memory/__init__.py", "import rich.table\n")  # rich outside the renderer
+    _write(root, "render/__init__.py", "import rich\n")
+    _write(root, "probing/__init__.py", "def f():\n    from autoaccum.render import draw\n")
+    _write(root, "memory/explain.py", "from autoaccum.train.fit import fit\n")
+    _write(root, "big.py", "x = 1\n" * (MAX_LINES + 1))
+    found = violations(root)
+    assert found == [
+        "circle: autoaccum.plan <-> autoaccum.results",
+        "autoaccum.big has 351 lines (over 350)",
+        "autoaccum.memory imports rich outside autoaccum.render",
+        "autoaccum.memory.explain (data) imports a front door",
+        "autoaccum.probing imports the renderer",
+    ]
+
+
+@pytest.mark.parametrize("name", ["autoaccum", "autoaccum.train", "autoaccum.memory"])
+def test_package_inits_hold_no_logic(name: str) -> None:
+    """A package's __init__ re-exports; the work lives in the modules the listing shows."""
+    path = modules(PACKAGE)[name]
+    tree = ast.parse(path.read_text())
+    assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], name
