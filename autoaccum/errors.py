@@ -19,6 +19,7 @@ __all__ = [
     "BatchError",
     "ConfigError",
     "DistributedError",
+    "MissingExtraError",
     "NoBatchFitsError",
     "NonFiniteLossError",
     "PlanError",
@@ -56,6 +57,18 @@ class NonFiniteLossError(AutoAccumError, FloatingPointError):
 
 class DistributedError(AutoAccumError, RuntimeError):
     """The process group is missing, inconsistent, or ranks disagree."""
+
+
+class MissingExtraError(AutoAccumError, ImportError):
+    """An optional integration's package is not installed; the message says what to install."""
+
+    def __init__(self, extra: str, package: str, what: str) -> None:
+        super().__init__(
+            f"{what} needs the {package!r} package, which is not installed; install it with "
+            f"pip install 'autoaccum[{extra}]'"
+        )
+        self.extra = extra
+        self.package = package
 
 
 def _is_integral(value: object) -> bool:
