@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_min",
     "all_reduce_sum",
+    "broadcast_buffers",
     "current",
     "drop_unsynced_grads",
     "gradient_sync",
@@ -26,6 +28,7 @@ __all__ = [
     "is_fsdp2",
     "local_cuda_index",
     "local_tensor",
+    "reduce_gradients",
     "select_device",
     "wrap_model",
 ]
@@ -111,11 +114,13 @@ def select_device(device: torch.device | str | None, info: DistInfo) -> torch.de
     return dev
 
 
-def init_from_env(device_type: str | None = None) -> bool:
+def init_from_env(
+    device_type: str | None = None, *, timeout: datetime.timedelta | None = None
+) -> bool:
     """Initialise the default process group from torchrun's variables; True if it did.
 
     Nothing happens when a group already exists or the variables are absent. The
-    backend is NCCL for CUDA devices, gloo otherwise.
+    backend is NCCL for CUDA devices, gloo otherwise; ``timeout`` bounds its collectives.
     """
     if not dist.is_available() or dist.is_initialized() or not _torchrun_env():
         return False
@@ -125,7 +130,7 @@ def init_from_env(device_type: str | None = None) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(local_cuda_index())
     try:
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
     except Exception as exc:
         raise DistributedError(
             f"could not initialise the {backend} process group from torchrun's environment "
@@ -297,3 +302,38 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
                 module.set_requires_gradient_sync(True, recurse=False)  # type: ignore[operator]
     else:
         yield
+
+
+def reduce_gradients(module: nn.Module, info: DistInfo) -> None:
+    """Average every trainable parameter's gradient over the ranks, in place, the way DDP's
+    reduction would (a parameter without a gradient on a rank counts as zeros there).
+
+    Used when a window's micro-steps all ran without gradient sync and the ranks have agreed
+    that every one of them succeeded: no rank can be left inside a half-done reduction. The
+    all-reduces are issued together and waited for together; nothing new is allocated
+    beyond the zero gradients of parameters that had none.
+    """
+    if not info.active or info.world_size == 1:
+        return
+    grads = []
+    for param in module.parameters():
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        grads.append(param.grad)
+    works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
+    for work in works:
+        if work is not None:
+            work.wait()
+    if grads:
+        torch._foreach_div_(grads, float(info.world_size))
+
+
+def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), as DDP's ``broadcast_buffers``
+    does before each forward; called once per window, after the window succeeded."""
+    if not info.active or info.world_size == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)

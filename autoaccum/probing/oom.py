@@ -9,6 +9,7 @@ taken for an out-of-memory error and always propagate.
 from __future__ import annotations
 
 import gc
+import re
 from typing import Literal
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "free_memory",
     "is_oom",
     "oom_kind",
+    "requested_bytes",
 ]
 
 #: The exception torch raises when an allocation fails (``torch.OutOfMemoryError``).
@@ -112,3 +114,16 @@ def free_memory(device: torch.device | None = None, *, collect: bool = True) -> 
         torch.cuda.empty_cache()
     elif kind == "mps" and hasattr(torch, "mps"):
         torch.mps.empty_cache()
+
+
+_TRIED = re.compile(r"Tried to allocate ([0-9.]+) ?(B|KiB|MiB|GiB|TiB)")
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def requested_bytes(message: str) -> int | None:
+    """The size of the allocation that failed, read from torch's out-of-memory message
+    (``"Tried to allocate 2.00 GiB"``); None when the message does not say."""
+    match = _TRIED.search(message)
+    if match is None:
+        return None
+    return int(float(match.group(1)) * _UNITS[match.group(2)])

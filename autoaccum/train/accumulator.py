@@ -5,32 +5,44 @@ can your own loop::
     acc = autoaccum.Accumulator(model, optimizer, target_batch=256)
     for window in acc.windows(loader):      # probes on the first window unless planned
         for micro in window:                # the plan's micro-batches, count-weighted
-            acc.backward(micro)             # no gradient sync but on the last one
+            acc.backward(micro)             # no gradient sync but where the plan reduces
         acc.step()                          # clip, optimizer, scheduler, zero_grad
+
+or ``acc.train_window(window)`` for the robust path that survives out-of-memory errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
 from autoaccum import distributed as D
-from autoaccum.errors import ConfigError, NonFiniteLossError, check_count, check_positive
+from autoaccum.errors import (
+    ConfigError,
+    DistributedError,
+    NonFiniteLossError,
+    check_count,
+    check_positive,
+)
 from autoaccum.plan import Plan, make_plan
 from autoaccum.probing import probe
-from autoaccum.probing.oom import free_memory, is_oom
 from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.probing.state import preserved_rng
 from autoaccum.results import ProbeResult
+from autoaccum.train.agree import Agreement
 from autoaccum.train.batches import to_device
+from autoaccum.train.counting import resolve_loss
 from autoaccum.train.data import Window, WindowSource, window_source
-from autoaccum.train.losses import CountFn, LossFn, check_loss, resolve_loss
+from autoaccum.train.guard import Guard
+from autoaccum.train.losses import CountFn, LossFn, check_loss
 from autoaccum.train.model import (
     check_model,
     check_model_optimizer,
@@ -47,10 +59,16 @@ from autoaccum.train.window import (
     OpenWindow,
     StepOutcome,
     TrainWindow,
+    check_items,
+    count_window,
     open_window,
+    window_samples,
 )
 
-__all__ = ["Accumulator"]
+__all__ = ["SYNC_MODES", "Accumulator"]
+
+#: How a multi-rank window reduces its gradients (see :class:`Accumulator`).
+SYNC_MODES = ("auto", "deferred", "overlap")
 
 
 class Accumulator:
@@ -60,10 +78,19 @@ class Accumulator:
     :meth:`probe` (the largest micro-batch that fits, on real samples), :meth:`replan`
     (a ceiling you give), or, when neither was called, from a probe on the first window
     that :meth:`windows` yields. ``loss_fn(model, batch)`` returns the *mean* loss over the
-    batch's items and ``count_fn(batch)`` how many items that is (defaults: see
-    :func:`~autoaccum.train.losses.resolve_loss`). The model must be on its device; in a
+    batch's items and ``count_fn(batch)`` how many items that is (defaults:
+    :func:`~autoaccum.train.counting.resolve_loss`). The model must be on its device; in a
     multi-rank run (an initialised process group) a plain module is wrapped in
     DistributedDataParallel, and :attr:`model` is the module to call.
+
+    ``sync`` says how a multi-rank window reduces its gradients. ``"deferred"`` (the default
+    for DDP): every micro-step runs without gradient sync, and once every rank has said its
+    micro-steps succeeded the gradients are averaged in one all-reduce; an out-of-memory
+    error on any rank at any micro-step is then recovered on every rank. ``"overlap"``: DDP's
+    or FSDP2's own reduction, overlapped with the last micro-step's backward (faster on slow
+    links; an out-of-memory error inside that backward stops every rank with a clear error,
+    as does any with FSDP2, whose every forward gathers parameters). FSDP2 is always
+    ``"overlap"``.
     """
 
     def __init__(
@@ -80,6 +107,8 @@ class Accumulator:
         margin: float = DEFAULT_MARGIN,
         device: torch.device | None = None,
         prefetch: bool = False,
+        sync: str = "auto",
+        timeout: datetime.timedelta | None = None,
     ) -> None:
         self.module = check_model(model)
         self.target_batch = check_count("target_batch", target_batch)
@@ -99,11 +128,14 @@ class Accumulator:
         self.scaler = make_scaler(self.precision, self.device)
         self.prefetch = prefetch
         self.model = D.wrap_model(model, self.dist, self.device)
+        self.sync = _resolve_sync(sync, self.model, self.dist)
         self.plan: Plan | None = None
         self.probe_result: ProbeResult | None = None
         self.steps = 0  #: optimizer steps taken or attempted (the windows stepped so far)
         self.resizer = Resizer()  #: the micro-batch's changes in :meth:`train_window`
         self.samples_dropped = 0  #: samples of windows that no micro-batch could hold
+        self.agreement = Agreement(self.dist, timeout)
+        self.guard = Guard(self.agreement)
         self._source: tuple[Iterable[Any], WindowSource] | None = None
         self._open: tuple[TrainWindow, list[Micro], OpenWindow] | None = None
         self._buffers = BufferBackup()
@@ -124,6 +156,8 @@ class Accumulator:
             self.dist.world_size,
             min_micro=self.min_micro,
         )
+        if self.resizer.ceiling is None:
+            self.resizer.ceiling = self.plan.max_micro
         return self.plan
 
     def probe(self, batch: Any) -> Plan:
@@ -165,20 +199,36 @@ class Accumulator:
     ) -> Iterator[TrainWindow]:
         """The windows of ``data`` for ``epoch``: ``target_batch`` samples each over all ranks
         (the last one of an epoch may be short). Without a plan yet, the first window's
-        samples are probed first."""
+        samples are probed first. With rank-local data the ranks agree before each window
+        that all of them have one; the epoch ends for all when the first runs out."""
         source = self.source(data)
         if self.plan is None:
             self.probe(source.sample_batch(self.target_batch // self.dist.world_size))
         assert self.plan is not None  # set by probe()
-        agree = source.rank_local and self.dist.active and self.dist.world_size > 1
-        for window in source.windows(self.plan, epoch, skip=skip):
-            if agree and not D.agree_window(len(window.micro_batches), self.model, self.dist):
+        windows = self.guard.iterate(source.windows(self.plan, epoch, skip=skip))
+        for window in windows:
+            if source.rank_local and not self._all_have(len(window.micro_batches)):
                 return
             self._dropped(window)
             if window.micro_batches:
                 yield TrainWindow(self, window)
-        if agree:
-            D.agree_window(0, self.model, self.dist)  # tell ranks still holding data to stop
+        if source.rank_local:
+            self._all_have(0)  # tell the ranks still holding data to stop
+
+    def _all_have(self, micro_steps: int) -> bool:
+        agreed = self.guard.agree(missing=micro_steps == 0, steps=micro_steps)
+        if agreed.missing:
+            return False
+        if not agreed.steps_equal and D.is_fsdp2(self.model):
+            raise DistributedError(
+                f"the ranks' windows have {min(agreed.steps)} to {max(agreed.steps)} "
+                f"micro-batches (rank by rank: {list(agreed.steps)}): with rank-local "
+                "data (not a DataLoader over a map-style dataset) the ranks hold different "
+                "numbers of samples in this window, which an FSDP2 model cannot train (every "
+                "micro-step all-gathers its parameters on all ranks). Give every rank the same "
+                "number of samples, or pass a DataLoader and let autoaccum shard it"
+            )
+        return True
 
     def _dropped(self, window: Window) -> None:
         if not window.dropped:
@@ -203,9 +253,24 @@ class Accumulator:
                 f"a new window was started while window {index} still waited for step(): call "
                 "acc.step() after the micro-steps of each window (that window was dropped)"
             )
-        micros, state = open_window(
-            window, self.count_fn, self.dist, self.device, self.where(window.data)
+        where = self.where(window.data)
+        batches = window.data.micro_batches
+
+        def count() -> list[float]:
+            prepare = getattr(self.count_fn, "prepare", None)
+            if callable(prepare):  # e.g. read off the model whether it shifts labels (once)
+                prepare(self.model, to_device(batches[0], self.device))
+            return count_window(batches, self.count_fn, where)
+
+        counts = self.guard.run(count)
+        agreed = self.guard.agree(
+            items=sum(counts), samples=window_samples(batches), steps=len(batches)
         )
+        check_items(agreed.items, where)
+        micros, state = open_window(
+            window, counts, agreed.items, agreed.samples, self.agreement.ranks, self.device
+        )
+        state.most_steps = max(agreed.steps)
         self._buffers.save(self.module)
         if self.prefetch:
             state.upcoming = to_device(micros[0].batch, self.device, non_blocking=True)
@@ -217,8 +282,8 @@ class Accumulator:
 
     def backward(self, micro: Micro) -> torch.Tensor:
         """Forward and backward of one micro-batch, weighted by its share of the window's
-        items; the gradient is reduced across ranks on the last micro-step only. Returns the
-        micro-batch's mean loss, detached."""
+        items. Returns the micro-batch's mean loss, detached. A micro-batch without items
+        (every target ignored) adds nothing and is skipped where no collective needs it."""
         if self._open is None or micro.window is not self._open[0]:
             raise ConfigError(
                 "backward() got a micro-batch that is not of the open window; iterate "
@@ -230,22 +295,29 @@ class Accumulator:
         except ConfigError:
             self.abort()
             raise
+        run, weight = micro, micro.weight
+        if micro.count == 0:
+            if self.sync != "overlap":
+                state.skip()
+                return torch.zeros(())
+            run, weight = self._stand_in(micro, micros), 0.0  # the collectives must still run
         batch = (
-            state.upcoming if state.upcoming is not None else to_device(micro.batch, self.device)
+            state.upcoming
+            if state.upcoming is not None and run is micro
+            else to_device(run.batch, self.device)
         )
         state.upcoming = None
         if self.prefetch and not micro.last:
-            state.upcoming = to_device(
-                micros[micro.index + 1].batch, self.device, non_blocking=True
-            )
+            following = micros[micro.index + 1].batch
+            state.upcoming = to_device(following, self.device, non_blocking=True)
         where = f"{self.where(micro.window.data)}, micro-batch {micro.index + 1}"
         try:
-            with D.gradient_sync(self.model, enabled=micro.last):
+            with self._sync(micro.last):
                 with autocast(self.precision, self.device):
-                    loss = check_loss(self.loss_fn(self.model, batch), where)
+                    loss = check_loss(self.loss_fn(self._forward_model, batch), where)
                 if loss.dtype in (torch.float16, torch.bfloat16):
                     loss = loss.float()  # weight in fp32: bf16 has 8 bits of mantissa
-                self.scaler.scale(loss * micro.weight).backward()  # type: ignore[no-untyped-call]
+                self.scaler.scale(loss * weight).backward()  # type: ignore[no-untyped-call]
         except BaseException:
             self.abort()
             raise
@@ -254,8 +326,36 @@ class Accumulator:
         state.add(detached, micro.count)
         return detached
 
+    @property
+    def _forward_model(self) -> nn.Module:
+        """The module a micro-step calls: DDP's inner module when the window's gradients are
+        reduced by :meth:`step` (no DDP forward, hence no collective inside a micro-step)."""
+        if self.sync == "deferred" and isinstance(self.model, nn.parallel.DistributedDataParallel):
+            inner: nn.Module = self.model.module
+            return inner
+        return self.model
+
+    def _sync(self, last: bool) -> AbstractContextManager[None]:
+        if self.sync == "overlap":
+            return D.gradient_sync(self.model, enabled=last)
+        return nullcontext()
+
+    def _stand_in(self, micro: Micro, micros: list[Micro]) -> Micro:
+        """A micro-batch of the window with items, run with weight 0 in place of one without,
+        where the reduction's collectives must run on every rank (``sync="overlap"``)."""
+        for other in micros:
+            if other.count > 0:
+                return other
+        raise ConfigError(
+            f"this rank has no item (no target token that is not ignored) in any micro-batch of "
+            f"{self.where(micro.window.data)}, and with sync='overlap' (FSDP2) every rank must "
+            "run every micro-step; give every rank data with targets, or use DDP with "
+            "sync='deferred'"
+        )
+
     def step(self) -> StepOutcome:
-        """Apply the window: clip, optimizer step, scheduler step, zero the gradients.
+        """Apply the window: reduce the gradients across ranks (deferred sync), clip, step the
+        optimizer and the scheduler, zero the gradients.
 
         Raises when not every micro-batch of the window went through :meth:`backward` (the
         gradient would be mis-weighted) and, with nothing applied, when the window's loss is
@@ -272,20 +372,32 @@ class Accumulator:
                 "(the window was dropped, nothing of it applied)"
             )
         where = self.where(window.data)
-        try:
-            window_loss = state.window_loss(self.dist)
-            if not math.isfinite(window_loss):
-                raise NonFiniteLossError(state.non_finite_message(window_loss, where, self.dist))
-        except BaseException:
+        agreed = self.guard.agree(loss=float(state.loss_sum))
+        window_loss = agreed.loss / state.items
+        if not math.isfinite(window_loss):
             self.abort()
-            raise
+            message = state.non_finite_message(
+                window_loss, where, self.dist.rank, self.agreement.ranks
+            )
+            raise NonFiniteLossError(message)
         self._open = None
         self.steps += 1
-        stepped = apply_update(
-            self.optimizer, self.scaler, self.scheduler, self.max_grad_norm, window_loss
+        if self.sync == "deferred":
+            D.reduce_gradients(self.module, self.dist)
+            if getattr(self.model, "broadcast_buffers", False):
+                D.broadcast_buffers(self.module, self.dist)
+        stepped = self.guard.update(
+            lambda: apply_update(
+                self.optimizer, self.scaler, self.scheduler, self.max_grad_norm, window_loss
+            ),
+            where,
         )
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(window_loss, state.samples, state.items, stepped)
+
+    def most_steps(self) -> int:
+        """The most micro-steps any rank has in the open window (0 without one)."""
+        return self._open[2].most_steps if self._open is not None else 0
 
     def abort(self) -> None:
         """Drop the open window: its gradients are cleared and the model's buffers put back;
@@ -302,38 +414,45 @@ class Accumulator:
     def train_window(self, window: TrainWindow) -> StepOutcome:
         """All of ``window``'s micro-steps and its optimizer step; ``fit`` runs this.
 
-        A single-process run that runs out of memory in a micro-step re-runs the window with
-        a smaller micro-batch (nothing of it had reached the weights; the gradient is
-        count-weighted, so the step is the same) and keeps the smaller plan.
+        After an out-of-memory error in a micro-step — on this rank or, agreed, on any rank —
+        the window is dropped and re-run on every rank with a smaller micro-batch (nothing of
+        it had reached the weights, and the gradient is count-weighted, so the step is the
+        same); the smaller plan is kept, and grows back after a run of clean windows.
         """
         assert self.plan is not None  # a TrainWindow comes from windows(), which plans
-        batches = rechunk(window.data.micro_batches, self.plan)
-        current = (
-            window if list(batches) == list(window.data.micro_batches) else _with(window, batches)
-        )
-        while not self._micro_steps(current):
-            # outside the except block: the traceback no longer pins the failed tensors
-            free_memory(self.device)
+        current = _with(window, rechunk(window.data.micro_batches, self.plan))
+        while (oom := self.guard.micro_steps(self, current)) is not None:
             self.plan = self.resizer.after_oom(
-                self.plan, window.data, self.steps + 1, self.where(window.data)
+                self.plan, window.data, self.steps + 1, self.where(window.data), **oom
             )
             current = _with(window, rechunk(current.data.micro_batches, self.plan))
-        return self.step()
+        outcome = self.step()
+        self.plan = self.resizer.after_window(self.plan, window.data, self.steps)
+        return outcome
 
-    def _micro_steps(self, window: TrainWindow) -> bool:
-        """Forward and backward of every micro-batch; False after an out-of-memory error that
-        this run can recover from (the window was dropped), any other error propagates."""
-        try:
-            for micro in window:
-                self.backward(micro)
-        except Exception as exc:
-            if not is_oom(exc) or self.dist.world_size > 1:
-                raise
-            return False
-        return True
+    def close(self) -> None:
+        """Release the ranks' exchange group (``fit`` calls this; so should your own loop)."""
+        self.agreement.close()
+
+
+def _resolve_sync(sync: str, model: nn.Module, info: D.DistInfo) -> str:
+    if sync not in SYNC_MODES:
+        raise ConfigError(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}")
+    if not info.active or info.world_size == 1:
+        return "deferred"  # one rank: nothing to reduce, no collective in a micro-step
+    if D.is_fsdp2(model):
+        if sync == "deferred":
+            raise ConfigError(
+                "sync='deferred' is not available with FSDP2: its gradients are reduce-scattered "
+                "by FSDP2 itself in the last micro-step; use sync='auto' or 'overlap'"
+            )
+        return "overlap"
+    return "deferred" if sync == "auto" else sync
 
 
 def _with(window: TrainWindow, micro_batches: list[Any]) -> TrainWindow:
-    """``window`` with its samples cut into other micro-batches."""
+    """``window`` with its samples cut into other micro-batches (itself when unchanged)."""
+    if list(micro_batches) == list(window.data.micro_batches):
+        return window
     data = dataclasses.replace(window.data, micro_batches=tuple(micro_batches))
     return TrainWindow(window.accumulator, data)

@@ -1,13 +1,16 @@
 """Batch trees: measure, slice, tile, join and move arbitrary batches along dim 0.
 
-A *batch* is a tensor, or a (named) tuple, list or mapping of batches, nested
-to any depth. A list whose items are all plain values (``str``, numbers, ``None``)
-is a per-sample leaf: it is sliced and joined like a tensor. Any other plain value
-(a scalar, a string) is a constant: copied as is into every piece.
+A *batch* is a tensor, or a (named) tuple, list, mapping or dataclass of batches, nested
+to any depth. A list whose items are all plain values (``str``, numbers, ``None``), or
+all lists of plain values (ragged token lists, as in a Hugging Face ``datasets`` batch),
+is a per-sample leaf: it is sliced and joined like a tensor. Any other plain value (a
+scalar, a string) is a constant: copied as is into every piece.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,8 +31,35 @@ __all__ = [
 _PLAIN = (str, bytes, int, float, bool, type(None))
 
 
+def _is_plain(obj: object) -> bool:
+    """A plain value, or a (possibly nested) list or tuple of them: one sample's data."""
+    if isinstance(obj, _PLAIN):
+        return True
+    return isinstance(obj, (list, tuple)) and all(_is_plain(x) for x in obj)
+
+
 def _is_sample_list(obj: object) -> bool:
-    return isinstance(obj, list) and len(obj) > 0 and all(isinstance(x, _PLAIN) for x in obj)
+    """A list of per-sample plain values: ``[0, 1, 1]``, ``["a", "b"]``, ``[[101, 7], [101]]``."""
+    return isinstance(obj, list) and len(obj) > 0 and all(_is_plain(x) for x in obj)
+
+
+def _is_dataclass_batch(obj: object) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _fields_of(batch: Any) -> dict[str, Any]:
+    return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+
+
+def _rebuild_dataclass(template: Any, items: dict[str, Any]) -> Any:
+    """A copy of the dataclass ``template`` holding ``items`` (frozen ones included)."""
+    try:
+        return dataclasses.replace(template, **items)
+    except (TypeError, ValueError):  # fields with init=False: set them on a copy
+        clone = copy.copy(template)
+        for name, value in items.items():
+            object.__setattr__(clone, name, value)
+        return clone
 
 
 def _rebuild(template: Any, items: Sequence[Any]) -> Any:
@@ -48,22 +78,26 @@ def _rebuild_mapping(template: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
         return items
 
 
-def _leaf_sizes(batch: Any, out: list[int]) -> None:
+def _leaf_sizes(batch: Any, path: str, out: list[tuple[str, int]]) -> None:
     if isinstance(batch, torch.Tensor):
         if batch.dim() == 0:
             raise BatchError(
-                "a batch holds a 0-dimensional tensor, which has no batch dimension to split; "
-                "give every per-sample tensor a leading batch dimension"
+                f"a batch holds a 0-dimensional tensor{' at ' + path if path else ''}, which has "
+                "no batch dimension to split; give every per-sample tensor a leading batch "
+                "dimension"
             )
-        out.append(batch.shape[0])
+        out.append((path, batch.shape[0]))
     elif _is_sample_list(batch):
-        out.append(len(batch))
+        out.append((path, len(batch)))
     elif isinstance(batch, Mapping):
-        for value in batch.values():
-            _leaf_sizes(value, out)
+        for key, value in batch.items():
+            _leaf_sizes(value, f"{path}[{key!r}]", out)
+    elif _is_dataclass_batch(batch):
+        for name, value in _fields_of(batch).items():
+            _leaf_sizes(value, f"{path}.{name}", out)
     elif isinstance(batch, (tuple, list)):
-        for value in batch:
-            _leaf_sizes(value, out)
+        for i, value in enumerate(batch):
+            _leaf_sizes(value, f"{path}[{i}]", out)
 
 
 def batch_size(batch: Any) -> int:
@@ -72,19 +106,21 @@ def batch_size(batch: Any) -> int:
     Raises :class:`BatchError` when the batch holds no tensor or per-sample list,
     or when its leaves disagree on dim 0.
     """
-    sizes: list[int] = []
-    _leaf_sizes(batch, sizes)
+    sizes: list[tuple[str, int]] = []
+    _leaf_sizes(batch, "", sizes)
     if not sizes:
         raise BatchError(
-            f"cannot find a batch dimension in a {type(batch).__name__}: it holds no tensor "
-            "(batches must be tensors, or tuples/lists/dicts of tensors)"
+            f"cannot find a batch dimension in a {type(batch).__name__}: it holds no tensor and "
+            "no per-sample list (a batch is a tensor, or a tuple, list, dict or dataclass of "
+            "tensors or per-sample lists)"
         )
-    if len(set(sizes)) != 1:
+    if len({n for _, n in sizes}) != 1:
+        listed = ", ".join(f"{path or 'the batch'} has {n}" for path, n in sizes[:6])
         raise BatchError(
-            f"the tensors of this batch disagree on their batch dimension (dim 0 sizes {sizes}); "
-            "every per-sample tensor must have the same leading size"
+            f"the entries of this batch disagree on how many samples it holds ({listed}); every "
+            "per-sample tensor or list must have the same length along its first dimension"
         )
-    return sizes[0]
+    return sizes[0][1]
 
 
 def map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
@@ -93,6 +129,10 @@ def map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
         return fn(batch)
     if isinstance(batch, Mapping):
         return _rebuild_mapping(batch, {k: map_tensors(v, fn) for k, v in batch.items()})
+    if _is_dataclass_batch(batch):
+        return _rebuild_dataclass(
+            batch, {k: map_tensors(v, fn) for k, v in _fields_of(batch).items()}
+        )
     if isinstance(batch, (tuple, list)):
         return _rebuild(batch, [map_tensors(v, fn) for v in batch])
     return batch
@@ -145,8 +185,11 @@ def _join(leaves: list[Any]) -> Any:
         if len(shapes) != 1:
             raise BatchError(
                 f"cannot join batches whose samples have different shapes {sorted(shapes)} "
-                "(ragged batches, e.g. padded to different lengths); pass a DataLoader so that "
-                "autoaccum collates each micro-batch itself, or pad to a fixed length"
+                "(ragged batches, e.g. padded to different lengths). Pass a DataLoader over a "
+                "map-style dataset (one with __getitem__ and __len__) with your padding "
+                "collate_fn: autoaccum then collates each micro-batch itself. Batches that "
+                "arrive collated (a list, a generator, an IterableDataset) can only be split "
+                "and joined along dim 0, so pad those to a fixed length"
             )
         return torch.cat(leaves, dim=0)
     joined: list[Any] = []
@@ -169,6 +212,12 @@ def concat_batches(batches: Sequence[Any]) -> Any:
         if any(not isinstance(b, Mapping) or list(b.keys()) != keys for b in batches):
             raise BatchError("cannot join batches whose dictionaries have different keys")
         return _rebuild_mapping(first, {k: concat_batches([b[k] for b in batches]) for k in keys})
+    if _is_dataclass_batch(first):
+        if any(type(b) is not type(first) for b in batches):
+            raise BatchError("cannot join batches of different dataclass types")
+        fields = [_fields_of(b) for b in batches]
+        joined = {k: concat_batches([f[k] for f in fields]) for k in fields[0]}
+        return _rebuild_dataclass(first, joined)
     if isinstance(first, (tuple, list)):
         if any(not isinstance(b, (tuple, list)) or len(b) != len(first) for b in batches):
             raise BatchError("cannot join batches of different structure (tuple lengths differ)")

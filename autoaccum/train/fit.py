@@ -8,6 +8,7 @@ only when something is to be shown).
 
 from __future__ import annotations
 
+import datetime
 import time
 import warnings
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from autoaccum import distributed as D
-from autoaccum.errors import ConfigError, check_count
+from autoaccum.errors import ConfigError, check_count, check_positive
 from autoaccum.memory.collect import memory_report
 from autoaccum.memory.explain import explain
 from autoaccum.memory.footprint import footprint
@@ -49,6 +50,8 @@ def fit(
     progress: bool = True,
     report: bool = True,
     margin: float = DEFAULT_MARGIN,
+    sync: str = "auto",
+    timeout: float = 600.0,
 ) -> FitResult:
     """Train ``model`` on ``loader`` with ``target_batch`` samples per optimizer step.
 
@@ -66,9 +69,12 @@ def fit(
     batch over all ranks and the model is wrapped in DistributedDataParallel. The model
     trains in train mode and is handed back in the mode it came in.
 
-    A single-process run that still runs out of memory mid-training re-runs that window
-    with a 10% smaller micro-batch (nothing of it had reached the weights) and keeps the
-    smaller plan.
+    A run that still runs out of memory mid-training re-runs that window with a smaller
+    micro-batch (nothing of it had reached the weights; in a multi-rank run every rank
+    agrees first), keeps the smaller plan, and grows back after a run of clean windows.
+    ``sync`` says how a multi-rank window reduces its gradients (see
+    :class:`~autoaccum.train.accumulator.Accumulator`); ``timeout`` (seconds) bounds every
+    collective of a process group ``fit`` creates, and of the ranks' exchange group.
     """
     started = time.perf_counter()
     check_model(model)
@@ -79,8 +85,10 @@ def fit(
     if max_micro is not None:
         check_count("max_micro", max_micro)
     check_margin(margin)
+    limit = datetime.timedelta(seconds=check_positive("timeout", timeout))
     wanted = check_device(device) if device is not None else None  # before the model moves
-    created_group = D.init_from_env(wanted.type if wanted is not None else None)
+    created_group = D.init_from_env(wanted.type if wanted is not None else None, timeout=limit)
+    acc: Accumulator | None = None
     try:
         info = D.current()
         dev = D.select_device(wanted, info)
@@ -97,6 +105,8 @@ def fit(
             margin=margin,
             device=dev,
             prefetch=dev.type == "cuda" and bool(getattr(loader, "pin_memory", False)),
+            sync=sync,
+            timeout=limit,
         )
         with train_mode(model):
             if max_micro is not None:
@@ -134,6 +144,8 @@ def fit(
             print_fit_report(result)
         return result
     finally:
+        if acc is not None:
+            acc.close()
         if created_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

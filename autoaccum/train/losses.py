@@ -1,8 +1,9 @@
-"""Default loss and item counts, and the Protocols for the ones users pass."""
+"""The default loss, token counts, and the Protocols for the loss and count users pass."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -16,10 +17,10 @@ __all__ = [
     "CountFn",
     "LossFn",
     "check_loss",
+    "check_loss_and_count",
     "count_tokens",
     "default_count",
     "default_loss",
-    "resolve_loss",
 ]
 
 IGNORE_INDEX = -100
@@ -32,7 +33,12 @@ class LossFn(Protocol):
 
 
 class CountFn(Protocol):
-    """``count_fn(batch)``: how many items the mean of ``loss_fn`` is over."""
+    """``count_fn(batch)``: how many items the mean of ``loss_fn`` is over.
+
+    A count function may also have a ``prepare(model, batch)`` method: the accumulator calls
+    it with the first micro-batch of every window before counting (it should do its work
+    once), so a count can depend on the model (see
+    :class:`~autoaccum.train.counting.DefaultCount`)."""
 
     def __call__(self, batch: Any, /) -> int | torch.Tensor: ...
 
@@ -73,7 +79,18 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
       (logits ``(..., classes)``, targets ``(...)``; ``-100`` is ignored, as in Hugging Face).
     """
     if isinstance(batch, Mapping):
-        out = model(**batch)
+        try:
+            out = model(**batch)
+        except TypeError:
+            if _accepts(model, batch.keys()):
+                raise  # a TypeError inside the model's own code: the user's to see
+            inner = getattr(model, "module", model)
+            raise ConfigError(
+                _NO_DEFAULT.format(
+                    what=f"{type(inner).__name__}.forward does not take this dict batch's keys "
+                    f"{sorted(map(str, batch.keys()))} as keyword arguments"
+                )
+            ) from None
         loss = _loss_attr(out)
         if loss is None:
             raise ConfigError(
@@ -102,9 +119,28 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     )
 
 
+def _accepts(model: nn.Module, keys: Iterable[Any]) -> bool:
+    """Whether the model's forward (inside a DDP wrapper) takes ``keys`` as keyword arguments."""
+    inner = getattr(model, "module", model)
+    try:
+        parameters = inspect.signature(inner.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: assume it does
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return True
+    named = {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return {str(k) for k in keys} <= named
+
+
 def default_count(batch: Any) -> int | torch.Tensor:
-    """Items behind :func:`default_loss`'s mean: non-ignored targets of an (inputs, targets)
-    pair with integer targets, else samples (the size of dim 0)."""
+    """Items behind :func:`default_loss`'s mean for ``(inputs, integer targets)`` pairs: the
+    targets that are not ``-100``; samples (the size of dim 0) for anything else. For dict
+    batches with ``labels``, ``fit`` counts with :class:`~autoaccum.train.counting.DefaultCount`,
+    which also knows whether the model shifts its labels."""
     targets = _class_targets(batch)
     if targets is not None:
         return (targets != IGNORE_INDEX).sum()
@@ -150,17 +186,9 @@ def check_loss(loss: object, where: str) -> torch.Tensor:
     return loss.reshape(())
 
 
-def resolve_loss(loss_fn: LossFn | None, count_fn: CountFn | None) -> tuple[LossFn, CountFn]:
-    """The loss and count functions to train with: the user's, or the defaults.
-
-    Without ``loss_fn`` the default loss is used and, without ``count_fn``, its own count
-    (:func:`default_count`); a user's ``loss_fn`` without ``count_fn`` is weighted by samples.
-    """
+def check_loss_and_count(loss_fn: object, count_fn: object) -> None:
+    """A clear error when ``loss_fn`` or ``count_fn`` is given but cannot be called."""
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
     if count_fn is not None and not callable(count_fn):
         raise ConfigError(f"count_fn must be callable or None, got {type(count_fn).__name__}")
-    loss = loss_fn if loss_fn is not None else default_loss
-    if count_fn is not None:
-        return loss, count_fn
-    return loss, default_count if loss_fn is None else batch_size

@@ -1,16 +1,23 @@
-"""Changing the micro-batch during training: how much smaller after an out-of-memory error,
-and cutting a window's samples into the new sizes.
+"""Changing the micro-batch during training: smaller after an out-of-memory error, back up
+after a run of clean windows, and cutting a window's samples into the new sizes.
 
 A probed size can still run out of memory later: a longer sequence in a padded batch,
 fragmentation after hours, another process taking memory. Before the optimizer step
-nothing of a window has reached the weights, so the window can simply be run again
-with smaller micro-batches: the gradient is count-weighted, hence the step is the same.
+nothing of a window has reached the weights, so the window is run again with smaller
+micro-batches: the gradient is count-weighted, hence the step is the same.
+
+The rule (:class:`Resizer`): after an out-of-memory error the ceiling drops by 10 %, or by
+as many samples as the failure's memory says are too many (when the failed allocation and
+the bytes per sample are known), whichever is more. After ``grow_after`` clean windows in a
+row it grows back 10 % toward the ceiling it started from, never to a size that failed
+twice. Every change is a :class:`~autoaccum.results.Resize`, warned about.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,36 +27,26 @@ from autoaccum.results import Resize
 from autoaccum.train.batches import batch_size, concat_batches, split_batch
 from autoaccum.train.data.window import Window
 
-__all__ = ["SHRINK", "Resizer", "rechunk", "shrink", "smaller_plan"]
+__all__ = ["GROW_AFTER", "SHRINK", "Resizer", "rechunk", "shrink"]
 
-#: Fraction of the micro-batch given up after an out-of-memory error in training.
+#: Fraction of the micro-batch given up after an out-of-memory error in training (at least).
 SHRINK = 0.1
+#: Clean windows in a row after which the micro-batch grows back toward its first ceiling.
+GROW_AFTER = 50
 
 
-def shrink(micro_batch: int) -> int:
-    """The next micro-batch to try after ``micro_batch`` ran out of memory (0: none left)."""
-    return micro_batch - max(1, math.ceil(SHRINK * micro_batch))
+def shrink(
+    micro_batch: int, *, over_bytes: float | None = None, per_sample: float | None = None
+) -> int:
+    """The next micro-batch to try after ``micro_batch`` ran out of memory (0: none left).
 
-
-def smaller_plan(plan: Plan, where: str, retries: int) -> Plan:
-    """The plan to re-run a window with after ``plan`` ran out of memory at ``where``; a
-    :class:`NoBatchFitsError` when no smaller exact plan exists for this model."""
-    old = plan.micro_batch
-    smaller = shrink(old)
-    if smaller < plan.min_micro:
-        raise NoBatchFitsError(
-            f"at {where} training ran out of memory even at micro-batch {old}, the smallest "
-            f"this model trains on, after {retries} smaller retries. Free memory held by other "
-            "tensors or processes, use precision='bf16', activation checkpointing or a smaller "
-            "model"
-        )
-    try:
-        return make_plan(plan.target_batch, smaller, plan.world_size, min_micro=plan.min_micro)
-    except PlanError as err:
-        raise NoBatchFitsError(
-            f"at {where} training ran out of memory at micro-batch {old}, and no smaller exact "
-            f"plan exists: {err}"
-        ) from None
+    At least 10 % smaller; smaller still when the failure was ``over_bytes`` beyond what the
+    device could give and each sample costs ``per_sample`` bytes.
+    """
+    smaller = micro_batch - max(1, math.ceil(SHRINK * micro_batch))
+    if over_bytes is not None and per_sample is not None and over_bytes > 0 and per_sample > 0:
+        smaller = min(smaller, micro_batch - math.ceil(over_bytes / per_sample))
+    return max(0, smaller)
 
 
 def rechunk(micro_batches: Sequence[Any], plan: Plan) -> list[Any]:
@@ -72,26 +69,84 @@ def rechunk(micro_batches: Sequence[Any], plan: Plan) -> list[Any]:
 
 
 class Resizer:
-    """The micro-batch's changes during training, and the rule that makes them: after an
-    out-of-memory error the window is re-run with :func:`smaller_plan`, which is kept.
-    Every change is recorded as a :class:`~autoaccum.results.Resize` and warned about."""
+    """The micro-batch's changes during training and the rule that makes them (see the
+    module's doc). ``ceiling`` is the size training started from (the probe's or the user's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ceiling: int | None = None, *, grow_after: int = GROW_AFTER) -> None:
+        self.ceiling = ceiling
+        self.grow_after = grow_after
         self.resizes: list[Resize] = []
         self.oom_retries = 0
+        self.failures: Counter[int] = Counter()  #: out-of-memory errors per micro-batch size
+        self.clean = 0  #: windows in a row without an out-of-memory error
 
-    def after_oom(self, plan: Plan, window: Window, step: int, where: str) -> Plan:
+    def after_oom(
+        self,
+        plan: Plan,
+        window: Window,
+        step: int,
+        where: str,
+        *,
+        over_bytes: float | None = None,
+        per_sample: float | None = None,
+    ) -> Plan:
         """The plan to re-run ``window`` with after ``plan`` ran out of memory in it."""
-        smaller = smaller_plan(plan, where, self.oom_retries)
+        old = plan.micro_batch
+        self.failures[old] += 1
+        self.clean = 0
+        smaller = shrink(old, over_bytes=over_bytes, per_sample=per_sample)
+        if smaller < plan.min_micro:
+            raise NoBatchFitsError(
+                f"at {where} training ran out of memory even at micro-batch {old}, the smallest "
+                f"this model trains on, after {self.oom_retries} smaller retries. Free memory "
+                "held by other tensors or processes, use precision='bf16', activation "
+                "checkpointing or a smaller model"
+            )
+        try:
+            new = make_plan(plan.target_batch, smaller, plan.world_size, min_micro=plan.min_micro)
+        except PlanError as err:
+            raise NoBatchFitsError(
+                f"at {where} training ran out of memory at micro-batch {old}, and no smaller "
+                f"exact plan exists: {err}"
+            ) from None
         warnings.warn(
-            f"out of memory at {where} with micro-batch {plan.micro_batch}; retrying the "
-            f"window (nothing was applied) with micro-batch {smaller.micro_batch} and keeping "
-            f"it: {smaller.describe()}",
+            f"out of memory at {where} with micro-batch {old}; retrying the window (nothing was "
+            f"applied) with micro-batch {new.micro_batch} and keeping it: {new.describe()}",
             UserWarning,
             stacklevel=4,
         )
-        self.resizes.append(
-            Resize(step, window.epoch, window.index, plan.micro_batch, smaller.micro_batch, "oom")
-        )
+        self._record(step, window, old, new.micro_batch, "oom")
         self.oom_retries += 1
-        return smaller
+        return new
+
+    def after_window(self, plan: Plan, window: Window, step: int) -> Plan:
+        """The plan for the windows after a clean one: grown back after ``grow_after`` clean
+        windows in a row, toward the ceiling, never to a size that failed twice."""
+        self.clean += 1
+        if self.ceiling is None or self.clean < self.grow_after or plan.max_micro >= self.ceiling:
+            return plan
+        self.clean = 0
+        target = min(self.ceiling, plan.max_micro + max(1, math.ceil(SHRINK * plan.max_micro)))
+        refused = [size for size, n in self.failures.items() if n >= 2]
+        if refused:
+            target = min(target, min(refused) - 1)
+        if target <= plan.max_micro:
+            return plan
+        try:
+            new = make_plan(plan.target_batch, target, plan.world_size, min_micro=plan.min_micro)
+        except PlanError:
+            return plan
+        if new.micro_batch <= plan.micro_batch:
+            return plan
+        warnings.warn(
+            f"{self.grow_after} windows without running out of memory at micro-batch "
+            f"{plan.micro_batch}: growing back to {new.micro_batch} from optimizer step "
+            f"{step + 1}: {new.describe()}",
+            UserWarning,
+            stacklevel=4,
+        )
+        self._record(step + 1, window, plan.micro_batch, new.micro_batch, "grow")
+        return new
+
+    def _record(self, step: int, window: Window, old: int, new: int, reason: str) -> None:
+        self.resizes.append(Resize(step, window.epoch, window.index, old, new, reason))

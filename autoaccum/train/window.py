@@ -35,8 +35,10 @@ __all__ = [
     "OpenWindow",
     "StepOutcome",
     "TrainWindow",
+    "check_items",
     "count_window",
     "open_window",
+    "window_samples",
 ]
 
 
@@ -98,25 +100,25 @@ class TrainWindow:
         return iter(self.accumulator.begin(self))
 
 
-def count_window(
-    micro_batches: Sequence[Any], count_fn: CountFn, info: D.DistInfo, where: str
-) -> tuple[list[float], float, int]:
-    """(items per micro-batch, items of the window on all ranks, samples on all ranks)."""
-    counts = [
+def count_window(micro_batches: Sequence[Any], count_fn: CountFn, where: str) -> list[float]:
+    """Items per micro-batch of this rank's part of a window, checked."""
+    return [
         check_item_count(count_fn(mb), f"{where}, micro-batch {i + 1}")
         for i, mb in enumerate(micro_batches)
     ]
-    totals = torch.tensor(
-        [sum(counts), float(sum(batch_size(mb) for mb in micro_batches))], dtype=torch.float64
-    )
-    D.all_reduce_sum(totals, info)
-    items, samples = float(totals[0]), int(totals[1])
+
+
+def window_samples(micro_batches: Sequence[Any]) -> int:
+    return sum(batch_size(mb) for mb in micro_batches)
+
+
+def check_items(items: float, where: str) -> None:
+    """Every window needs an item somewhere (on some rank) to define its mean loss."""
     if items <= 0:
         raise ConfigError(
             f"count_fn counted 0 items in the whole window ({where}); every window needs at "
             "least one item (e.g. a target token that is not ignored) to define a mean loss"
         )
-    return counts, items, samples
 
 
 class BufferBackup:
@@ -157,6 +159,7 @@ class OpenWindow:
         self.loss_sum = torch.zeros((), dtype=dtype, device=device)
         self.micro_losses: list[torch.Tensor] = []
         self.upcoming: Any = None  #: the next micro-batch, already on its way to the device
+        self.most_steps = micros  #: the most micro-steps any rank has in this window
 
     def expect(self, index: int) -> None:
         """Check that micro-batch ``index`` is the next one to go through backward."""
@@ -174,18 +177,18 @@ class OpenWindow:
             self.loss_sum += value * count
         self.done += 1
 
-    def window_loss(self, info: D.DistInfo) -> float:
-        """The item-weighted mean loss of the whole window, over all ranks."""
-        D.all_reduce_sum(self.loss_sum, info)
-        return float(self.loss_sum) / self.items
+    def skip(self) -> None:
+        """Record micro-step ``self.done`` as one without items, trained without compute."""
+        self.micro_losses.append(torch.zeros((), dtype=self.loss_sum.dtype))
+        self.done += 1
 
-    def non_finite_message(self, window_loss: float, where: str, info: D.DistInfo) -> str:
+    def non_finite_message(self, window_loss: float, where: str, rank: int, world: int) -> str:
         bad = [i for i, value in enumerate(self.micro_losses) if not torch.isfinite(value)]
         detail = (
-            f"micro-batch {bad[0] + 1} of {len(self.micro_losses)} on rank {info.rank} gave "
+            f"micro-batch {bad[0] + 1} of {len(self.micro_losses)} on rank {rank} gave "
             f"{float(self.micro_losses[bad[0]])}"
             if bad
-            else f"a micro-batch on another of the {info.world_size} ranks was non-finite"
+            else f"a micro-batch on another of the {world} ranks was non-finite"
         )
         return (
             f"the loss was {window_loss} at {where}: {detail}. Nothing of this window was applied "
@@ -195,15 +198,18 @@ class OpenWindow:
 
 
 def open_window(
-    window: TrainWindow, count_fn: CountFn, info: D.DistInfo, device: torch.device, where: str
+    window: TrainWindow,
+    counts: list[float],
+    items: float,
+    samples: int,
+    world: int,
+    device: torch.device,
 ) -> tuple[list[Micro], OpenWindow]:
-    """The window's micro-batches with their weights, and its fresh running state."""
-    batches = window.data.micro_batches
-    counts, items, samples = count_window(batches, count_fn, info, where)
-    world = info.world_size if info.active else 1
+    """The window's micro-batches with their weights (``items`` and ``samples`` over all
+    ``world`` ranks), and its fresh running state."""
     last = len(counts) - 1
     micros = [
         Micro(batch, i, count, count * world / items, i == last, window)
-        for i, (batch, count) in enumerate(zip(batches, counts, strict=True))
+        for i, (batch, count) in enumerate(zip(window.data.micro_batches, counts, strict=True))
     ]
     return micros, OpenWindow(len(micros), items, samples, device)

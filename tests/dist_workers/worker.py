@@ -117,6 +117,7 @@ def comm_hook(rank: int) -> dict[str, Any]:
         device="cpu",
         progress=False,
         report=False,
+        sync="overlap",  # DDP's own reduction (with the user's comm hook) on the last micro-step
     )
     return {**summary(result), "params": params(inner), "windows": tracker.windows}
 
