@@ -24,9 +24,9 @@ from autoaccum.errors import (
 )
 from autoaccum.memory.collect import memory_report
 from autoaccum.plan import Plan, make_plan
-from autoaccum.probing import probe
 from autoaccum.probing.oom import is_oom
 from autoaccum.probing.search import search_max_batch
+from autoaccum.probing.trials import probe
 from autoaccum.results import FitResult, MemoryReport, ProbeResult, TrialRecord
 from autoaccum.train.accumulator import Accumulator
 from autoaccum.train.fit import fit

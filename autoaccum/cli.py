@@ -23,14 +23,14 @@ from collections.abc import Sequence
 import torch
 
 from autoaccum import __version__, demo
+from autoaccum.device import check_device
 from autoaccum.errors import AutoAccumError, ConfigError
 from autoaccum.factory import FACTORY_CONTRACT, UsageError, make
 from autoaccum.memory.collect import memory_report
 from autoaccum.memory.explain import explain
 from autoaccum.plan import make_plan
-from autoaccum.probing import probe
-from autoaccum.probing.device import check_device
 from autoaccum.probing.peaks import DEFAULT_MARGIN
+from autoaccum.probing.trials import probe
 from autoaccum.render import print_report
 from autoaccum.train.losses import default_loss
 from autoaccum.train.model import check_model, default_optimizer, min_micro

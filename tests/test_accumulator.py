@@ -181,11 +181,36 @@ def test_a_failure_in_the_last_micro_step_leaves_no_gradient() -> None:
         (lambda b: "7", "number"),
         (lambda b: torch.ones(2), "one number"),
         (lambda b: 0, "0 items in the whole window"),
+        (lambda b: float("inf"), "finite number of items"),
+        (lambda b: torch.tensor(float("nan")), "finite number of items"),
+        (lambda b: True, "number of items"),
     ],
 )
 def test_bad_counts(count_fn: Any, match: str) -> None:
+    model = mlp()
+    before = snapshot(model)
     with pytest.raises(ConfigError, match=match):
-        run(stepper(mlp(), count_fn=count_fn), split_batch(data(), [5, 5]))
+        run(stepper(model, count_fn=count_fn), split_batch(data(), [5, 5]))
+    assert unchanged(model, before)
+
+
+def test_counts_of_any_numeric_type_weigh_the_same() -> None:
+    """int, numpy's integers and floats, 0-d tensors of any dtype: one count, one weight."""
+    import numpy as np
+
+    kinds = [
+        lambda b: len(b[0]),
+        lambda b: np.int64(len(b[0])),
+        lambda b: np.float32(len(b[0])),
+        lambda b: torch.tensor(len(b[0]), dtype=torch.int32),
+    ]
+    results = []
+    for count in kinds:
+        model = mlp()
+        run(stepper(model, count_fn=count), split_batch(data(), [4, 3, 3]))
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(results[0], other, strict=True))
 
 
 def test_zero_count_micro_batch_contributes_nothing() -> None:

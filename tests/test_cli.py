@@ -87,7 +87,7 @@ def test_probe_prints_trials_plan_and_breakdown(capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "Probe on cpu" in out
     assert "optimizer state 3.0 KiB" in out  # AdamW's moments, as the trials allocated them
-    assert out.count("✓") == 5  # sizes 1, 2, 4, 8, 16
+    assert out.count("✓") == 2  # on the CPU: the smallest size, then the target
     assert "largest that passed: 16" in out
     assert "Plan: target_batch 16 = 16 × 1 (accum_iter 1) × 1 rank" in out
     assert "Memory at micro_batch 16" in out
@@ -101,7 +101,7 @@ def test_probe_json_with_a_tuple_factory_from_a_file(capsys: pytest.CaptureFixtu
     data = json.loads(capsys.readouterr().out)
     assert set(data) == {"probe", "plan", "breakdown", "memory"}
     assert data["probe"]["largest_pass"] == 12
-    assert [t["size"] for t in data["probe"]["trials"]] == [1, 2, 4, 8, 12]
+    assert [t["size"] for t in data["probe"]["trials"]] == [1, 12]
     assert data["plan"]["micro_sizes"] == [12]
     assert data["breakdown"]["fixed_parts"]["parameters"] == (8 * 32 + 32 + 32 * 3 + 3) * 4
 

@@ -8,14 +8,16 @@ from typing import Any
 
 import pytest
 import torch
-from datasets import Sequences, ids_dataset, ids_of, micro_sizes, pad_collate
+from samples_data import Sequences, ids_dataset, ids_of, micro_sizes, pad_collate
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
+    Dataset,
     DistributedSampler,
     Sampler,
 )
 
+import autoaccum
 from autoaccum.errors import BatchError, ConfigError
 from autoaccum.plan import make_plan
 from autoaccum.train.data import window_source
@@ -255,3 +257,66 @@ def test_an_empty_loader_is_a_batch_error() -> None:
         list(stream.windows(make_plan(4, 2), 0))
     with pytest.raises(BatchError, match="yielded no samples"):
         stream.sample_batch(4)
+
+
+class RandomView(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Sample i: its id and a random augmentation drawn when it is read."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(i), torch.rand(())
+
+
+class Still(torch.nn.Module):
+    """A model without randomness of its own, so only the data moves the random state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w * x.double()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("probed", [True, False])
+def test_fit_trains_every_epoch_in_the_order_the_users_loader_would_draw(
+    num_workers: int, probed: bool
+) -> None:
+    """Epoch after epoch, with and without the probe, with and without workers: the sample
+    order is the permutation the user's own shuffling loader draws (epoch 1 is not a replay
+    of epoch 0), and random augmentations differ from epoch to epoch."""
+    loader = DataLoader(RandomView(), batch_size=4, shuffle=True, num_workers=num_workers)
+    torch.manual_seed(0)
+    expected = [[int(i) for ids, _ in loader for i in ids] for _ in range(3)]
+
+    seen: list[list[int]] = [[], [], []]
+    views: list[dict[int, float]] = [{}, {}, {}]
+    epoch = [0]
+
+    def count(batch: Any) -> int:  # called once per micro-batch of a window, in order
+        ids, view = batch
+        seen[epoch[0]].extend(int(i) for i in ids)
+        views[epoch[0]].update(zip((int(i) for i in ids), view.tolist(), strict=True))
+        if len(seen[epoch[0]]) == 16:
+            epoch[0] += 1
+        return len(ids)
+
+    torch.manual_seed(0)
+    autoaccum.fit(
+        Still(),
+        loader,
+        8,
+        loss_fn=lambda m, b: m(b[0]).mean(),
+        count_fn=count,
+        epochs=3,
+        max_micro=None if probed else 4,
+        device="cpu",
+        progress=False,
+        report=False,
+    )
+    assert seen == expected
+    assert seen[0] != seen[1] != seen[2]
+    assert views[0][0] != views[1][0] != views[2][0]  # sample 0 was augmented anew each epoch

@@ -142,3 +142,19 @@ def test_several_epochs_and_max_steps() -> None:
         mlp(), DataLoader(data, batch_size=4), 10, loss_fn=ce, epochs=3, max_steps=4, max_micro=3
     )
     assert capped.optimizer_steps == 4
+
+
+def test_a_micro_batch_without_target_tokens_adds_nothing_and_stops_nothing() -> None:
+    """A prompt-only sample (every label -100) alone in a micro-batch: its mean loss is NaN
+    (0/0) and its count 0. It must add exactly nothing, not abort the run."""
+    data = tokens(12)
+    data.tensors[1][
+        1
+    ] = -100  # sample 1 has no target token; with max_micro=1 it is a micro-batch alone
+    model = token_model()
+    result = fit_sgd(model, DataLoader(data, batch_size=4), 4, max_micro=1)
+    ref = token_model()
+    ref_losses = reference(ref, windows_of(data, 4), token_ce)
+    assert rel_diff(model, ref) < TOL
+    assert result.losses == pytest.approx(ref_losses, rel=1e-12)
+    assert result.samples_seen == 12  # the prompt-only sample is counted as seen

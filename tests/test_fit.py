@@ -60,6 +60,14 @@ def test_bad_target_batch(target: Any) -> None:
         ({"precision": "fp8"}, "precision must be one of"),
         ({"precision": "fp16"}, "needs a CUDA device"),
         ({"margin": 0.9}, "margin"),
+        ({"margin": "0.1"}, "margin must be a number"),
+        ({"margin": None}, "margin must be a number"),
+        ({"timeout": 0}, "timeout"),
+        ({"sync": "eager"}, "sync must be one of"),
+        ({"device": "meta"}, "'meta' holds no data"),
+        ({"device": "cuda"}, "sees no CUDA device"),
+        ({"device": "cuda:7"}, "sees no CUDA device"),
+        ({"device": "tpu:0"}, "not a torch device|not available"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
@@ -186,6 +194,95 @@ def test_default_loss_asks_for_loss_fn_otherwise() -> None:
     triples = [(torch.randn(4, 5, dtype=torch.float64), torch.zeros(4), torch.zeros(4))]
     with pytest.raises(ConfigError, match="Pass loss_fn="):
         run(mlp(), triples, 4, max_micro=4)
+    # a dict batch for a model that is not Hugging Face-style: not a TypeError from forward()
+    dicts = [{"x": torch.randn(4, 5, dtype=torch.float64), "y": torch.zeros(4, dtype=torch.long)}]
+    with pytest.raises(ConfigError, match=r"Sequential\.forward does not take .*\['x', 'y'\]"):
+        run(mlp(), dicts, 4, max_micro=4)
+
+
+def test_a_meta_device_leaves_the_weights_where_they_were() -> None:
+    model = mlp()
+    before = params(model)
+    with pytest.raises(ConfigError, match="meta"):
+        run(model, DataLoader(data()), device="meta")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert unchanged(model, before)
+
+
+def test_a_model_without_parameters_is_a_config_error_not_torchs() -> None:
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        run(nn.ReLU(), DataLoader(data()))
+
+
+class ModeRecorder(nn.Module):
+    """Records whether the model is in training mode at each training forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.dropout = nn.Dropout(0.5)
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.modes.append(self.training)
+        return self.net(self.dropout(x))
+
+
+def test_a_model_in_eval_mode_trains_in_train_mode_and_comes_back_in_eval_mode() -> None:
+    model = ModeRecorder()
+    model.eval()
+    run(model, DataLoader(data(), batch_size=5), 8, max_micro=4)
+    assert model.modes
+    assert all(model.modes)  # dropout and BatchNorm train as they should
+    assert not model.training
+    assert not any(m.training for m in model.modules())
+    model.train()
+    run(model, DataLoader(data(), batch_size=5), 8, max_micro=4)
+    assert model.training
+
+
+def test_a_one_sample_tail_on_a_batchnorm_model_is_dropped_and_counted() -> None:
+    """65 samples, target 32: the last window holds one sample, which BatchNorm cannot train
+    on. It is left out with a warning that counts it, instead of torch's ValueError after a
+    whole epoch of work."""
+    x, y = torch.randn(65, 6, dtype=torch.float64), torch.randint(0, 3, (65,))
+    model = bn_net(dtype=torch.float64)
+    with pytest.warns(UserWarning, match="1 sample\\(s\\) of window 2 of epoch 0 were not trained"):
+        result = run(model, DataLoader(TensorDataset(x, y), batch_size=8), 32, max_micro=16)
+    assert result.samples_dropped == 1
+    assert result.samples_seen == 64
+    assert result.optimizer_steps == 2
+
+
+def test_drop_last_on_the_users_loader_is_honoured_and_counted() -> None:
+    loader = DataLoader(data(20), batch_size=4, drop_last=True)
+    with pytest.warns(UserWarning, match="drop_last=True"):
+        result = run(mlp(), loader, 8, max_micro=4)
+    assert (result.optimizer_steps, result.samples_seen, result.samples_dropped) == (2, 16, 4)
+
+
+@dataclass
+class Example:
+    """A collate_fn's dataclass batch."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def test_a_dataclass_batch_trains_like_a_tuple() -> None:
+    def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> Example:
+        return Example(torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples]))
+
+    model = mlp()
+    result = run(
+        model,
+        DataLoader(data(), batch_size=4, collate_fn=collate),
+        8,
+        max_micro=3,
+        loss_fn=lambda m, b: F.cross_entropy(m(b.x), b.y),
+    )
+    assert result.samples_seen == 20
 
 
 def test_batchnorm_with_accumulation_warns() -> None:
@@ -225,3 +322,8 @@ def test_demo_learns_and_accumulates(capsys: pytest.CaptureFixture[str]) -> None
     assert out["probe"]["limited_by"] == "memory"
     assert out["losses"][-1] < 0.85 * out["losses"][0]  # visibly learning
     assert sum(out["plan"]["micro_sizes"]) == 256
+    # the memory explained is the emulated device's, not the host's RAM
+    breakdown = out["breakdown"]
+    assert breakdown["capacity"] == int(0.8 * 2**20)
+    assert "emulated device" in breakdown["capacity_source"]
+    assert breakdown["fixed"] + breakdown["activations"] + breakdown["headroom"] == int(0.8 * 2**20)

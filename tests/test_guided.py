@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from autoaccum import search_max_batch
-from autoaccum.probing.device import Reading
+from autoaccum.probing.meter import Reading
 from autoaccum.probing.peaks import TopReading, apply_margin, size_for_budget
 from autoaccum.probing.search import AIM, max_trials
 

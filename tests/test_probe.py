@@ -10,6 +10,7 @@ import torch
 from helpers import OOMAbove, bn_net
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import autoaccum
 from autoaccum import BatchError, ConfigError, NoBatchFitsError
@@ -98,10 +99,12 @@ def test_trial_runs_two_micro_steps_and_an_optimizer_step() -> None:
     opt.step = counting_step  # type: ignore[method-assign]
     oom_layer(model).sizes.clear()
     result = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=8)
-    # BatchNorm: never below 2. Trials at 2, 4, 8: two forwards each, then a step.
-    assert [t.size for t in result.trials] == [2, 4, 8]
-    assert oom_layer(model).sizes == [2, 2, 4, 4, 8, 8]
-    assert steps == [2, 4, 6]
+    # BatchNorm: never below 2. On the CPU (no device memory to search) the smallest size
+    # is measured and then the target tried: two forwards each, then a step.
+    assert [t.size for t in result.trials] == [2, 8]
+    assert oom_layer(model).sizes == [2, 2, 8, 8]
+    assert steps == [2, 4]
+    assert "the target's micro-batch of 8 was tried first" in result.notes[0]
 
 
 def test_margin_applies_only_when_memory_bound() -> None:
@@ -222,3 +225,78 @@ def test_fixed_memory_is_measured_with_optimizer_state() -> None:
     # AdamW: two moments per parameter plus a step counter per tensor
     assert result.fixed_bytes["optimizer_state"] >= 2 * param_bytes
     assert len(opt.state) == 0  # and yet the optimizer is back to empty
+
+
+def test_a_kept_reference_to_the_optimizer_still_steers_it_after_a_probe() -> None:
+    """The probe restores the optimizer in place: a param_groups dict or a state tensor the
+    user kept is the live one afterwards (load_state_dict would have replaced them)."""
+    model, opt = trained(limit=6)
+    group = opt.param_groups[0]
+    moment = opt.state[next(iter(model.parameters()))]["exp_avg"]
+    before = moment.clone()
+    autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=16)
+    assert opt.param_groups[0] is group
+    assert opt.state[next(iter(model.parameters()))]["exp_avg"] is moment
+    assert torch.equal(moment, before)
+    group["lr"] = 0.0  # the user's schedule, through the kept reference
+    weights = [p.detach().clone() for p in model.parameters()]
+    ce(model, data(5)).backward()
+    opt.step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+def test_the_users_optimizer_hooks_never_see_a_trial() -> None:
+    model, opt = trained(limit=6)
+    seen: list[str] = []
+    opt.register_step_post_hook(lambda *_: seen.append("own"))
+    handle = register_optimizer_step_post_hook(lambda *_: seen.append("all"))
+    try:
+        autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=16)
+        assert seen == []  # an EMA of the weights would have averaged the trials in
+        opt.step()
+        assert seen == ["own", "all"]  # and the hooks are back afterwards
+    finally:
+        handle.remove()
+
+
+def test_numpy_random_state_is_restored_too() -> None:
+    import numpy as np
+
+    class NumpyNoise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            noise = torch.from_numpy(np.random.rand(*x.shape)).float()  # an augmentation
+            return self.lin(x + noise)
+
+    model = NumpyNoise()
+    np.random.seed(3)
+    expected = np.random.rand(4)
+    np.random.seed(3)
+    autoaccum.probe(model, data(), loss_fn=ce, upper=8)
+    assert np.array_equal(np.random.rand(4), expected)
+
+
+def test_probe_takes_the_defaults_of_fit() -> None:
+    """No loss_fn (cross-entropy on (inputs, targets)) and no optimizer (AdamW), as in fit."""
+    model = bn_net()
+    result = autoaccum.probe(model, data(8), upper=8)
+    assert result.largest_pass == 8
+    assert result.fixed_bytes["optimizer_state"] > 0  # AdamW's moments existed in the trials
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "match"),
+    [
+        (lambda x: x, {}, r"model must be a torch\.nn\.Module"),
+        (nn.Linear(6, 3), {"device": "cuda"}, "sees no CUDA device"),
+        (nn.Linear(6, 3), {"device": "meta"}, "meta"),
+        (nn.Linear(6, 3), {"margin": "0.1"}, "margin must be a number"),
+        (nn.Linear(6, 3), {"optimizer": "adam"}, r"optimizer must be a torch\.optim\.Optimizer"),
+    ],
+)
+def test_bad_arguments_are_config_errors(model: Any, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        autoaccum.probe(model, data(), upper=8, **kwargs)

@@ -6,14 +6,15 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import OOM, OOMAbove, mlp
+from helpers import OOM, OOMAbove, bn_net, mlp
 from reference import LR, TOL, ce, fit_sgd, reference, rel_diff, samples, tokens, windows_of
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 import autoaccum
 from autoaccum import NoBatchFitsError
 from autoaccum.plan import make_plan
-from autoaccum.train.resize import rechunk, shrink
+from autoaccum.train.data.window import Window
+from autoaccum.train.resize import Resizer, rechunk, shrink
 
 
 def test_oom_in_training_shrinks_the_plan_and_stays_exact() -> None:
@@ -75,3 +76,98 @@ def test_nothing_fits_in_training() -> None:
 @pytest.mark.parametrize(("micro", "smaller"), [(100, 90), (8, 7), (2, 1), (1, 0), (1863, 1676)])
 def test_shrink(micro: int, smaller: int) -> None:
     assert shrink(micro) == smaller
+
+
+class OOMInSecondSchedulerStep(torch.optim.lr_scheduler.LambdaLR):
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.calls = 0
+        super().__init__(optimizer, lambda step: 1.0)
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        self.calls += 1
+        if self.calls == 3:  # 1: construction, 2: after window 0, 3: after window 1
+            raise OOM("CUDA out of memory. Tried to allocate 2.00 MiB (injected in the scheduler)")
+        super().step(*args, **kwargs)
+
+
+def test_an_oom_after_the_optimizer_stepped_is_never_re_run() -> None:
+    """The window's update was applied; running it again would apply it twice."""
+    data = samples(24)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    steps: list[int] = []
+    opt.register_step_post_hook(lambda *_: steps.append(1))
+    with pytest.raises(OOM) as info:
+        autoaccum.fit(
+            model,
+            DataLoader(data, batch_size=8),
+            8,
+            loss_fn=ce,
+            optimizer=opt,
+            scheduler=OOMInSecondSchedulerStep(opt),
+            max_micro=4,
+            device="cpu",
+            progress=False,
+            report=False,
+        )
+    assert len(steps) == 2  # windows 0 and 1, each once
+    assert any("not run again" in note for note in info.value.__notes__)
+    ref = mlp()
+    reference(ref, windows_of(data, 8)[:2], ce)
+    assert rel_diff(model, ref) < TOL
+
+
+def test_a_retried_window_leaves_no_trace_in_batchnorm() -> None:
+    """The forward that ran out of memory had already updated BatchNorm's statistics; the
+    re-run window puts them back first, so they count the micro-steps really trained."""
+    torch.manual_seed(0)
+    model = bn_net(limit=5, dtype=torch.float64)
+    oom = next(m for m in model.modules() if isinstance(m, OOMAbove))
+    bn = model[1]
+    x, y = torch.randn(24, 6, dtype=torch.float64), torch.randint(0, 3, (24,))
+    with pytest.warns(UserWarning, match="out of memory"):
+        fit_sgd(model, DataLoader(TensorDataset(x, y), batch_size=8), 12, loss_fn=ce, max_micro=6)
+    trained = [s for s in oom.sizes if s <= 5]
+    assert int(bn.num_batches_tracked) == len(trained)  # the failed forward is not counted
+
+
+def test_recovery_never_goes_below_two_samples_on_batchnorm() -> None:
+    model = bn_net(limit=1, dtype=torch.float64)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with (
+        pytest.warns(UserWarning, match="out of memory"),
+        pytest.raises(NoBatchFitsError, match="even at micro-batch 2, the smallest this model"),
+    ):
+        fit_sgd(model, DataLoader(TensorDataset(x, y)), 4, loss_fn=ce, max_micro=4)
+    assert all(s >= 2 for s in next(m for m in model.modules() if isinstance(m, OOMAbove)).sizes)
+
+
+def test_the_failures_memory_shrinks_further_than_ten_percent() -> None:
+    # 3 GiB over the limit at 1 GiB a sample: four samples fewer, not the 10 % rule's one
+    assert shrink(40, over_bytes=3.2 * 2**30, per_sample=2**30) == 36
+    assert shrink(40, over_bytes=0.5 * 2**30, per_sample=2**30) == 36  # at least 10 %
+    assert shrink(40) == 36
+
+
+def test_the_micro_batch_grows_back_but_never_to_a_size_that_failed_twice() -> None:
+    resizer = Resizer(ceiling=16, grow_after=3)
+    window = Window(0, 0, (), 0)
+    first = make_plan(32, 16)  # 16 × 2
+    with pytest.warns(UserWarning, match="out of memory .* micro-batch 16"):
+        plan = resizer.after_oom(first, window, 1, "step 1")
+    assert plan.micro_batch < 16
+    for step in range(2, 4):  # two clean windows: not yet
+        assert resizer.after_window(plan, window, step) == plan
+    with pytest.warns(UserWarning, match="growing back to 16"):
+        plan = resizer.after_window(plan, window, 4)
+    assert plan.micro_batch == 16
+    with pytest.warns(UserWarning, match="out of memory .* micro-batch 16"):
+        plan = resizer.after_oom(plan, window, 5, "step 5")  # 16 has failed twice now
+    for step in range(6, 60):
+        plan = resizer.after_window(plan, window, step)
+    assert plan.micro_batch < 16
+    assert [(r.reason, r.old, r.new) for r in resizer.resizes] == [
+        ("oom", 16, 11),
+        ("grow", 11, 16),
+        ("oom", 16, 11),
+    ]

@@ -17,8 +17,8 @@ import os
 
 import torch
 
+from autoaccum.device import cuda_index, cuda_initialized
 from autoaccum.memory.cgroup import DEFAULT_CGROUP_ROOT, DEFAULT_PROC_CGROUP, cgroup_memory
-from autoaccum.probing.device import cuda_index, cuda_initialized
 from autoaccum.results import AllocatorMemory, CgroupMemory, GpuMemory, HostMemory, MemoryReport
 
 __all__ = ["memory_report"]

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from autoaccum.probing.device import cuda_initialized
+from autoaccum.device import cuda_initialized
 
 __all__ = [
     "OOM_MESSAGES",

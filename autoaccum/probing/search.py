@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from autoaccum.errors import ConfigError, NoBatchFitsError, check_count
-from autoaccum.probing.device import Meter, meter_for
+from autoaccum.probing.meter import Meter, meter_for
 from autoaccum.probing.oom import free_memory, oom_kind
 from autoaccum.probing.peaks import size_for_budget
 from autoaccum.results import ProbeResult, TrialRecord
@@ -53,8 +53,12 @@ class _Steps:
     """Chooses the next size: exponential growth (memory-guided where readings allow),
     then bisection between the largest size that passed and the smallest that did not."""
 
-    def __init__(self, lower: int, upper: int, limit: float | None) -> None:
+    def __init__(
+        self, lower: int, upper: int, limit: float | None, first: Callable[[], int] | None
+    ) -> None:
         self.upper = upper
+        #: gives a size to try right after ``lower`` (bisected below if it fails)
+        self.first = first
         #: a jump aims first a little under the limit, then (from there) at the limit
         self.budgets = (AIM * limit, limit) if limit is not None else ()
         self.lo = 0  #: the largest size that passed so far
@@ -76,6 +80,11 @@ class _Steps:
         if self.hi is not None:
             self.next = (self.lo + self.hi) // 2
             return
+        if self.first is not None:
+            size, self.first = self.first(), None
+            if self.lo < size <= self.upper:
+                self.next = size
+                return
         guesses = [size_for_budget(records, budget) for budget in self.budgets]
         if not guesses or guesses[0] is None:  # nothing measured yet: double
             self.next = min(2 * self.lo, self.upper)
@@ -98,6 +107,7 @@ def search_max_batch(
     agree: Agree | None = None,
     cleanup: Callable[[], None] | None = None,
     meter: Meter | None = None,
+    first: Callable[[], int] | None = None,
 ) -> ProbeResult:
     """The exact largest size in ``[lower, upper]`` for which ``trial(size)`` passes
     (runs without running out of memory).
@@ -107,7 +117,7 @@ def search_max_batch(
     passed and the first that failed. It assumes that memory grows with size (a size
     above one that failed would fail too).
 
-    Where the device reports memory (a :class:`~autoaccum.probing.device.Meter`; on CUDA one is
+    Where the device reports memory (a :class:`~autoaccum.probing.meter.Meter`; on CUDA one is
     made for ``device``), each trial's peaks are recorded and the growth is *guided*:
     once two sizes have passed, the line through their peaks
     (:func:`~autoaccum.probing.peaks.size_for_budget`) predicts the size
@@ -127,7 +137,10 @@ def search_max_batch(
     collection runs only when a failed trial left more allocated than before it.
 
     ``agree`` makes all ranks of a distributed job take the same branch: it receives this
-    rank's "ran out of memory" flag and returns whether any rank did.
+    rank's "ran out of memory" flag and returns whether any rank did. ``first()``, called once
+    ``lower`` has passed, gives a size to try next (where nothing measures memory and that
+    size is likely to fit: one trial instead of a climb; a failure there is bisected like
+    any other).
     """
     check_count("lower", lower)
     check_count("upper", upper)
@@ -144,7 +157,7 @@ def search_max_batch(
     settled = baseline  # live bytes after the last trial that passed
     records: list[TrialRecord] = []
     guided = meter is not None and agree is None
-    steps = _Steps(lower, upper, meter.limit if guided and meter is not None else None)
+    steps = _Steps(lower, upper, meter.limit if guided and meter is not None else None, first)
 
     def attempt(size: int) -> bool:
         nonlocal settled

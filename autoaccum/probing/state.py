@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoaccum.device import cuda_initialized
 from autoaccum.distributed import local_tensor
-from autoaccum.probing.device import cuda_initialized
 
 __all__ = [
     "RngState",

@@ -33,9 +33,9 @@ from autoaccum.errors import (
     check_positive,
 )
 from autoaccum.plan import Plan, make_plan
-from autoaccum.probing import probe
 from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.probing.state import preserved_rng
+from autoaccum.probing.trials import probe
 from autoaccum.results import ProbeResult
 from autoaccum.train.agree import Agreement
 from autoaccum.train.batches import to_device

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from autoaccum import distributed as D
+from autoaccum.device import check_device
 from autoaccum.errors import ConfigError, check_count, check_positive
 from autoaccum.memory.collect import memory_report
 from autoaccum.memory.explain import explain
 from autoaccum.memory.footprint import footprint
-from autoaccum.probing.device import check_device
 from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.results import FitResult
 from autoaccum.train.accumulator import Accumulator
