@@ -244,3 +244,52 @@ def test_fsdp2_fully_shard_trains_exactly_with_one_reduce_scatter_per_window(
         # AdamW's two moments, sharded: the trials allocated them although nothing reduced
         assert out["probe_fixed"]["optimizer_state"] >= out["probe_fixed"]["parameters"]
         assert out["adam_state_after_probe"] == 0  # and the probe put the optimizer back
+
+
+def test_an_oom_on_one_rank_or_both_is_rerun_smaller_on_every_rank_exactly(
+    tmp_path: Path,
+) -> None:
+    """At a forward, in the last micro-step's backward, on both ranks at once, twice in one
+    window: the window is dropped on every rank and re-run smaller; every sample counts
+    once (the float64 parameters land on full-window SGD's), and nothing hangs."""
+    from dist_workers.worker import OOM_CASES
+
+    outs = launch("oom_recovery", tmp_path)
+    data = samples(48)
+    ref = mlp()
+    ref_losses = reference(ref, windows_of(data, 16), ce)
+    for name in OOM_CASES:
+        cases = [out[name] for out in outs]
+        assert_exact(cases, ref, ref_losses)
+        for case in cases:
+            assert case["samples_seen"] == 48, name
+            expected = 2 if name == "same_window_twice" else 1
+            assert case["oom_retries"] == expected, name
+            assert case["resizes"][0][1:] == (4, 3, "oom"), name  # 8 per rank: 4+4 → 3+3+2
+        assert cases[0]["resizes"] == cases[1]["resizes"], name  # every rank changed alike
+
+
+def test_a_failure_one_rank_cannot_recover_stops_every_rank_without_waiting(
+    tmp_path: Path,
+) -> None:
+    outs = launch("failures", tmp_path)
+    kind0, message0, seconds0 = outs[0]["optimizer"]
+    kind1, _, seconds1 = outs[1]["optimizer"]
+    assert kind1 == "OutOfMemoryError"  # the failing rank raises its own error
+    assert kind0 == "DistributedError"  # the other learns what happened, and where
+    assert "rank 1: OutOfMemoryError" in message0
+    assert "the optimizer update of optimizer step 2" in message0
+    assert max(seconds0, seconds1) < 15  # not the 30 s collective timeout
+    kinds = [out["loss_fn"][0] for out in outs]
+    assert kinds == ["DistributedError", "ValueError"]
+    assert "rank 1: ValueError: a corrupt sample in the data" in outs[0]["loss_fn"][1]
+    assert max(out["loss_fn"][2] for out in outs) < 15
+
+
+def test_without_a_supervisor_one_ranks_error_ends_every_rank(tmp_path: Path) -> None:
+    """fit made the group from torchrun's variables, nothing kills the healthy rank: it must
+    stop by itself, promptly, and both ranks leave no group behind."""
+    outs = launch("failure_env", tmp_path)
+    assert [out["error"][0] for out in outs] == ["DistributedError", "RuntimeError"]
+    assert all(out["error"][2] < 15 for out in outs)
+    assert not any(out["group_left_behind"] for out in outs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autoaccum import is_oom
-from autoaccum.probing.oom import OOM_TYPE, oom_kind
+from autoaccum.probing.oom import OOM_TYPE, oom_kind, requested_bytes
 
 REAL_OOM_MESSAGES = [
     # torch's CUDA caching allocator (torch 2.x)
@@ -98,3 +98,32 @@ def test_cyclic_chain_terminates() -> None:
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__context__, b.__context__ = b, a
     assert not is_oom(a)
+
+
+def _replaced(suppress: bool) -> BaseException:
+    """An error raised while handling an OOM, with the OOM suppressed or kept as its cause."""
+    try:
+        try:
+            raise OOM_TYPE("CUDA out of memory. Tried to allocate 2.00 MiB")
+        except OOM_TYPE as oom:
+            if suppress:
+                raise ValueError("the loss found a bug") from None
+            raise RuntimeError("wrapped") from oom
+    except (ValueError, RuntimeError) as exc:
+        return exc
+    raise AssertionError("unreachable")
+
+
+def test_an_error_raised_from_none_hides_the_oom_it_replaced() -> None:
+    """``raise X from None`` says "not because of that": the OOM in the suppressed context
+    does not make X an out-of-memory error (an explicit cause still does)."""
+    assert not is_oom(_replaced(suppress=True))
+    assert is_oom(_replaced(suppress=False))
+
+
+def test_the_failed_allocation_is_read_from_the_message() -> None:
+    assert (
+        requested_bytes("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79 GiB)") == 2**31
+    )
+    assert requested_bytes("Tried to allocate 512.00 MiB") == 512 * 2**20
+    assert requested_bytes("MPS backend out of memory") is None

@@ -60,6 +60,8 @@ OomKind = Literal["oom", "size_limit"]
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it was raised from: its ``__cause__``, and its ``__context__``
+    unless the raiser suppressed it (``raise ... from None`` says "not because of that")."""
     seen: list[BaseException] = []
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -67,7 +69,9 @@ def _chain(exc: BaseException) -> list[BaseException]:
         if current is None or any(current is s for s in seen):
             continue
         seen.append(current)
-        stack.extend([current.__cause__, current.__context__])
+        stack.append(current.__cause__)
+        if not current.__suppress_context__:
+            stack.append(current.__context__)
     return seen
 
 

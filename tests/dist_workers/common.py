@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from helpers import OOMAbove
+from helpers import OOM, OOMAbove
 from torch import nn
 
 WORLD = 2
@@ -15,3 +17,48 @@ def bn_mlp(limit: int = 10**9, seed: int = 0) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), OOMAbove(limit), nn.Linear(8, 3)
     ).double()
+
+
+class _BackwardFault(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, faults: Faults) -> torch.Tensor:  # type: ignore[override]
+        ctx.faults = faults
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        faults = ctx.faults
+        faults.backward_calls += 1
+        if faults.backward_calls in faults.backwards:
+            calls = faults.backward_calls
+            raise OOM(
+                f"CUDA out of memory. Tried to allocate 2.00 MiB (injected, backward {calls})"
+            )
+        return grad, None
+
+
+class Faults(nn.Module):
+    """Identity that raises a real ``torch.OutOfMemoryError`` in chosen training forwards and
+    backwards of this rank, numbered from 1 in the order they run."""
+
+    def __init__(self, forwards: tuple[int, ...] = (), backwards: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.forwards = set(forwards)
+        self.backwards = set(backwards)
+        self.forward_calls = 0
+        self.backward_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return x
+        self.forward_calls += 1
+        if self.forward_calls in self.forwards:
+            calls = self.forward_calls
+            raise OOM(f"CUDA out of memory. Tried to allocate 2.00 MiB (injected, forward {calls})")
+        return _BackwardFault.apply(x, self)
+
+
+def faulty_mlp(faults: Faults, seed: int = 0) -> nn.Sequential:
+    """``helpers.mlp`` with fault injection after the first layer."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), faults, nn.Linear(8, 3)).double()

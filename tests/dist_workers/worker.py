@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import autoaccum
 from autoaccum.errors import DistributedError, PlanError
-from dist_workers.common import WORLD, bn_mlp
+from dist_workers.common import WORLD, Faults, bn_mlp, faulty_mlp
 
 TIMEOUT = timedelta(seconds=30)
 
@@ -207,6 +207,117 @@ def rank_local(rank: int) -> dict[str, Any]:
     return {**summary(result), "params": params(model)}
 
 
+def _faulty_fit(faults: Faults, **kwargs: Any) -> dict[str, Any]:
+    model = faulty_mlp(faults)
+    result = fit_sgd(
+        model, DataLoader(samples(48), batch_size=8), 16, loss_fn=ce, max_micro=4, **kwargs
+    )
+    return {
+        **summary(result),
+        "params": params(model),
+        "oom_retries": result.oom_retries,
+        "resizes": [(r.step, r.old, r.new, r.reason) for r in result.resizes],
+    }
+
+
+#: (name, forwards that fail on rank 0, on rank 1, backwards that fail on rank 0, on rank 1).
+#: 8 samples per rank and window, micro-batches of 4: two training forwards per window.
+OOM_CASES = {
+    "forward_on_rank1": ((), (3,), (), ()),  # window 1, first micro-step
+    "last_backward_on_rank1": ((), (), (), (2,)),  # window 0, its last micro-step's backward
+    "both_ranks": ((5,), (5,), (), ()),  # window 2 on both ranks at once
+    "same_window_twice": ((3, 5), (), (), ()),  # window 1 fails, and fails again smaller
+}
+
+
+def oom_recovery(rank: int) -> dict[str, Any]:
+    """An out-of-memory error on one rank or both, at a forward or the last backward, once or
+    twice in the same window: the window is re-run smaller on every rank, exactly."""
+    out = {}
+    for name, (f0, f1, b0, b1) in OOM_CASES.items():
+        faults = Faults(forwards=f0 if rank == 0 else f1, backwards=b0 if rank == 0 else b1)
+        out[name] = _faulty_fit(faults)
+    return out
+
+
+class OOMInStep(torch.optim.SGD):
+    def __init__(self, params: Any, fail_at: int | None) -> None:
+        super().__init__(params, lr=LR)
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def step(self, closure: Any = None) -> Any:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 MiB (optimizer)"
+            )
+        return super().step(closure)
+
+
+def failures(rank: int) -> dict[str, Any]:
+    """One rank fails where the others cannot recover it: every rank stops, none waits."""
+    import time
+
+    out: dict[str, Any] = {}
+    model = mlp()
+    optimizer = OOMInStep(model.parameters(), fail_at=2 if rank == 1 else None)
+    start = time.monotonic()
+    try:
+        autoaccum.fit(
+            model,
+            DataLoader(samples(48), batch_size=8),
+            16,
+            loss_fn=ce,
+            optimizer=optimizer,
+            max_micro=4,
+            device="cpu",
+            progress=False,
+            report=False,
+        )
+    except Exception as exc:
+        out["optimizer"] = (type(exc).__name__, str(exc), time.monotonic() - start)
+
+    def broken(model: nn.Module, batch: Any) -> Any:
+        if rank == 1 and broken.calls == 3:
+            raise ValueError("a corrupt sample in the data")
+        broken.calls += 1
+        return ce(model, batch)
+
+    broken.calls = 0  # type: ignore[attr-defined]
+    start = time.monotonic()
+    try:
+        fit_sgd(mlp(), DataLoader(samples(48), batch_size=8), 16, loss_fn=broken, max_micro=4)
+    except Exception as exc:
+        out["loss_fn"] = (type(exc).__name__, str(exc), time.monotonic() - start)
+    return out
+
+
+def failure_env(rank: int) -> dict[str, Any]:
+    """fit creates the group itself (no supervisor kills the other rank): one rank's error
+    must end both runs promptly, and leave no group behind."""
+    import time
+
+    calls = [0]
+
+    def loss(model: nn.Module, batch: Any) -> Any:
+        calls[0] += 1
+        if rank == 1 and calls[0] == 3:
+            raise RuntimeError("a bug in the loss")
+        return ce(model, batch)
+
+    start = time.monotonic()
+    try:
+        fit_sgd(mlp(), DataLoader(samples(48), batch_size=8), 16, loss_fn=loss, max_micro=4)
+    except Exception as exc:
+        elapsed = time.monotonic() - start
+        return {
+            "error": (type(exc).__name__, str(exc), elapsed),
+            "group_left_behind": dist.is_initialized(),
+        }
+    raise AssertionError("fit went on after a rank failed")
+
+
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "samples_env": samples_env,
     "tokens": tokens_,
@@ -215,6 +326,9 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "plan_error_env": plan_error_env,
     "fsdp2": fsdp2,
     "rank_local": rank_local,
+    "oom_recovery": oom_recovery,
+    "failures": failures,
+    "failure_env": failure_env,
 }
 
 
