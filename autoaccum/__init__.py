@@ -13,6 +13,7 @@ The pipeline reads from the package listing: :mod:`autoaccum.probing` (probe) â†
 
 from __future__ import annotations
 
+from autoaccum._version import __version__
 from autoaccum.errors import (
     AutoAccumError,
     BatchError,
@@ -31,8 +32,6 @@ from autoaccum.results import FitResult, MemoryReport, ProbeResult, TrialRecord
 from autoaccum.train.accumulator import Accumulator
 from autoaccum.train.fit import fit
 from autoaccum.train.losses import count_tokens
-
-__version__ = "0.2.0"
 
 __all__ = [
     "Accumulator",

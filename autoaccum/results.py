@@ -312,6 +312,7 @@ class FitResult:
     samples_dropped: int = 0  #: samples left untrained, with a warning (see the README)
     tokens_seen: float = 0.0  #: items (count_fn) trained on, across all ranks
     stopped_early: bool = False  #: a callback asked the run to stop
+    evaluations: tuple[dict[str, Any], ...] = ()  #: what Evaluate measured, step by step
     memory: MemoryReport | None = None  #: memory snapshot at the end of training
     footprint: dict[str, int] = field(default_factory=dict)  #: bytes of params/grads/optimizer
     breakdown: MemoryBreakdown | None = None  #: memory at the plan, and why this plan

@@ -293,3 +293,15 @@ def test_without_a_supervisor_one_ranks_error_ends_every_rank(tmp_path: Path) ->
     assert [out["error"][0] for out in outs] == ["DistributedError", "RuntimeError"]
     assert all(out["error"][2] < 15 for out in outs)
     assert not any(out["group_left_behind"] for out in outs)
+
+
+def test_two_ranks_resume_bit_identical_to_the_run_that_never_stopped(tmp_path: Path) -> None:
+    """2 gloo ranks, a shuffled DataLoader sharded by autoaccum, token-weighted losses,
+    dropout, AdamW: stopped after 3 of 7 steps, resumed by new processes."""
+    first = launch("resume_first", tmp_path)
+    second = launch("resume_second", tmp_path)
+    for rank in range(WORLD):
+        straight = first[rank]["straight"]
+        assert second[rank]["losses"] == straight["losses"]
+        for p, q in zip(second[rank]["params"], straight["params"], strict=True):
+            assert torch.equal(p, q)

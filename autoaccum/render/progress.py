@@ -1,10 +1,11 @@
-"""The training progress bar (rich). Silent when disabled or when stdout is not a terminal."""
+"""The training progress bar (rich), a callback of the run. Silent when stdout is not a terminal."""
 
 from __future__ import annotations
 
 import sys
-import time
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -13,15 +14,14 @@ __all__ = ["TrainProgress"]
 
 
 class TrainProgress:
-    """Shows optimizer steps, samples/s, the last window loss and the plan (micro × accum)."""
+    """Shows optimizer steps of ``total()`` (read at the first step, once the plan is known),
+    samples/s, the last window loss and the plan (micro-batches × accumulation)."""
 
-    def __init__(self, *, enabled: bool, total: int | None, plan_text: str) -> None:
-        self._enabled = enabled and sys.stdout.isatty()
-        self._plan_text = plan_text
-        self._start = time.perf_counter()
-        self._samples = 0
+    def __init__(self, total: Callable[[], int | None]) -> None:
+        self._total = total
         self._progress: Progress | None = None
-        if self._enabled:
+        self._task: Any = None
+        if sys.stdout.isatty():
             self._progress = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),
@@ -32,9 +32,6 @@ class TrainProgress:
                 TimeElapsedColumn(),
                 console=Console(),
                 transient=False,
-            )
-            self._task = self._progress.add_task(
-                "train", total=total, rate="-", loss="-", plan=plan_text
             )
 
     def __enter__(self) -> TrainProgress:
@@ -51,11 +48,22 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.stop()
 
-    def update(self, *, samples: int, loss: float) -> None:
-        self._samples += samples
+    def on_step(self, run: Any) -> None:
+        """A callback hook (see :mod:`autoaccum.train.callbacks`): one step done."""
         if self._progress is None:
             return
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        state = run.state()
+        if self._task is None:
+            self._task = self._progress.add_task(
+                "train", total=self._total(), completed=state.step - 1, rate="-", loss="-", plan=""
+            )
+        sizes = state.micro_sizes
+        split = "+".join(map(str, sizes)) if len(set(sizes)) > 1 else f"{sizes[0]} × {len(sizes)}"
+        rate = state.samples_seen / max(state.seconds, 1e-9)
         self._progress.update(
-            self._task, advance=1, rate=f"{self._samples / elapsed:,.0f}", loss=f"{loss:.4f}"
+            self._task,
+            completed=state.step,
+            rate=f"{rate:,.0f}",
+            loss=f"{state.loss:.4f}",
+            plan=f"micro {split}",
         )

@@ -314,7 +314,7 @@ class Accumulator:
         try:
             with self._sync(micro.last):
                 with autocast(self.precision, self.device):
-                    loss = check_loss(self.loss_fn(self._forward_model, batch), where)
+                    loss = check_loss(self.loss_fn(self.forward_model, batch), where)
                 if loss.dtype in (torch.float16, torch.bfloat16):
                     loss = loss.float()  # weight in fp32: bf16 has 8 bits of mantissa
                 self.scaler.scale(loss * weight).backward()  # type: ignore[no-untyped-call]
@@ -327,7 +327,7 @@ class Accumulator:
         return detached
 
     @property
-    def _forward_model(self) -> nn.Module:
+    def forward_model(self) -> nn.Module:
         """The module a micro-step calls: DDP's inner module when the window's gradients are
         reduced by :meth:`step` (no DDP forward, hence no collective inside a micro-step)."""
         if self.sync == "deferred" and isinstance(self.model, nn.parallel.DistributedDataParallel):

@@ -3,8 +3,8 @@
 Every word the ranks exchange during training goes through one small all-reduce (a sum of
 a few float64 numbers, and one slot per rank for its micro-steps) on a gloo group of its
 own: the window's item and sample counts, each rank's micro-steps, each micro-step's
-outcome (ran out of memory, failed otherwise), the window's loss, and whether every rank
-still has data. The group is separate from the one that reduces
+outcome (ran out of memory, failed otherwise), the window's loss, whether every rank still
+has data, and whether a callback asked to stop. The group is separate from the one that reduces
 gradients, so an exchange never pairs up with a gradient collective, and on NCCL runs it
 costs no GPU synchronisation (the values live on the host). A rank that fails anywhere in
 the loop says so in its next exchange, and every rank raises instead of waiting.
@@ -32,6 +32,7 @@ class Agreed:
     oom: int  #: ranks that ran out of memory
     error: int  #: ranks that failed otherwise
     missing: int  #: ranks without a window (their rank-local data ran out)
+    stop: int  #: ranks that ask the run to stop (a callback did)
     items: float
     samples: int
     loss: float
@@ -62,6 +63,7 @@ class Agreement:
         oom: bool = False,
         error: bool = False,
         missing: bool = False,
+        stop: bool = False,
         steps: int = 0,
         items: float = 0.0,
         samples: int = 0,
@@ -70,7 +72,15 @@ class Agreement:
         """This rank's word, summed with every other rank's."""
         per_rank = [0.0] * self.ranks
         per_rank[self.info.rank if self.group is not None else 0] = float(steps)
-        values = [float(oom), float(error), float(missing), items, float(samples), loss]
+        values = [
+            float(oom),
+            float(error),
+            float(missing),
+            float(stop),
+            items,
+            float(samples),
+            loss,
+        ]
         values += per_rank
         if self.group is not None:
             tensor = torch.tensor(values, dtype=torch.float64)
@@ -80,11 +90,20 @@ class Agreement:
             oom=round(values[0]),
             error=round(values[1]),
             missing=round(values[2]),
-            items=values[3],
-            samples=round(values[4]),
-            loss=values[5],
-            steps=tuple(round(v) for v in values[6:]),
+            stop=round(values[3]),
+            items=values[4],
+            samples=round(values[5]),
+            loss=values[6],
+            steps=tuple(round(v) for v in values[7:]),
         )
+
+    def gather(self, mine: object) -> list[object]:
+        """Every rank's ``mine``, in rank order (a checkpoint's per-rank random states)."""
+        if self.group is None:
+            return [mine]
+        gathered: list[object] = [None] * self.info.world_size
+        dist.all_gather_object(gathered, mine, group=self.group)
+        return gathered
 
     def reasons(self, mine: str | None) -> list[str | None]:
         """Every rank's failure, in rank order (None: that rank did not fail); called by all

@@ -9,9 +9,10 @@ only when something is to be shown).
 from __future__ import annotations
 
 import datetime
+import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -19,15 +20,17 @@ from torch import nn
 
 from autoaccum import distributed as D
 from autoaccum.device import check_device
-from autoaccum.errors import ConfigError, check_count, check_positive
+from autoaccum.errors import check_count, check_positive
 from autoaccum.memory.collect import memory_report
 from autoaccum.memory.explain import explain
 from autoaccum.memory.footprint import footprint
 from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.results import FitResult
 from autoaccum.train.accumulator import Accumulator
+from autoaccum.train.checkpoint import load as load_checkpoint
 from autoaccum.train.losses import CountFn, LossFn
 from autoaccum.train.model import check_model, has_batchnorm, train_mode
+from autoaccum.train.run import Run
 
 __all__ = ["fit"]
 
@@ -52,6 +55,8 @@ def fit(
     margin: float = DEFAULT_MARGIN,
     sync: str = "auto",
     timeout: float = 600.0,
+    callbacks: Sequence[Any] = (),
+    resume: str | os.PathLike[str] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``loader`` with ``target_batch`` samples per optimizer step.
 
@@ -75,6 +80,11 @@ def fit(
     ``sync`` says how a multi-rank window reduces its gradients (see
     :class:`~autoaccum.train.accumulator.Accumulator`); ``timeout`` (seconds) bounds every
     collective of a process group ``fit`` creates, and of the ranks' exchange group.
+
+    ``callbacks`` act along the way (:mod:`autoaccum.train.callbacks`: evaluation, a JSON
+    log, checkpoints, or your own; any can stop the run). ``resume`` (a checkpoint file, or
+    a directory: its newest) continues a run exactly where the checkpoint left it; ``epochs``
+    and ``max_steps`` count the whole run, the part before the checkpoint included.
     """
     started = time.perf_counter()
     check_model(model)
@@ -86,6 +96,7 @@ def fit(
         check_count("max_micro", max_micro)
     check_margin(margin)
     limit = datetime.timedelta(seconds=check_positive("timeout", timeout))
+    saved = load_checkpoint(resume) if resume is not None else None
     wanted = check_device(device) if device is not None else None  # before the model moves
     created_group = D.init_from_env(wanted.type if wanted is not None else None, timeout=limit)
     acc: Accumulator | None = None
@@ -108,32 +119,38 @@ def fit(
             sync=sync,
             timeout=limit,
         )
-        with train_mode(model):
-            if max_micro is not None:
+        bar = _progress_bar(progress and info.is_main, loader, acc, epochs, max_steps)
+        run = Run(acc, loader, epochs=epochs, max_steps=max_steps, callbacks=[*callbacks, bar])
+        with train_mode(model), bar:
+            planned = saved is not None and run.resume(saved)
+            if planned:
+                pass  # the checkpoint's plan, on the device it was probed on
+            elif max_micro is not None:
                 acc.replan(max_micro)
             else:  # the probe sees the first window's samples, as training will
                 acc.probe(acc.source(loader).sample_batch(acc.target_batch // info.world_size))
             _warn_batchnorm(acc)
-            losses, samples, items, epochs_started, skipped = _train(
-                acc, loader, epochs, max_steps, progress and info.is_main
-            )
+            run.train()
         assert acc.plan is not None  # planned above
         memory, fixed = memory_report(dev), footprint(model, acc.optimizer)
+        p = run.position
         result = FitResult(
             plan=acc.plan,
             probe=acc.probe_result,
-            optimizer_steps=len(losses) - skipped,
-            samples_seen=samples,
-            losses=tuple(losses),
-            epochs=epochs_started,
+            optimizer_steps=p.steps - p.skipped,
+            samples_seen=p.samples,
+            losses=p.losses,
+            epochs=p.epochs_started,
             seconds=time.perf_counter() - started,
             precision=acc.precision,
             device=str(dev),
-            skipped_steps=skipped,
+            skipped_steps=p.skipped,
             oom_retries=acc.resizer.oom_retries,
             resizes=tuple(acc.resizer.resizes),
             samples_dropped=acc.samples_dropped,
-            tokens_seen=items,
+            tokens_seen=p.items,
+            stopped_early=run.stopped is not None,
+            evaluations=tuple(run.metrics),
             memory=memory,
             footprint=fixed,
             breakdown=explain(acc.probe_result, acc.plan, fixed, memory),
@@ -163,54 +180,31 @@ def _warn_batchnorm(acc: Accumulator) -> None:
         )
 
 
-def _train(
-    acc: Accumulator,
+def _progress_bar(
+    enabled: bool,
     loader: Iterable[Any],
+    acc: Accumulator,
     epochs: int,
     max_steps: int | None,
-    progress: bool,
-) -> tuple[list[float], int, float, int, int]:
-    """(window losses, samples, items, epochs started, steps the GradScaler skipped)."""
+) -> Any:
+    """The console progress bar (rich), a callback; a silent stand-in when not shown."""
+    if not enabled:
+        return _NoBar()
+    from autoaccum.render import TrainProgress
+
+    return TrainProgress(lambda: _total_steps(loader, acc, epochs, max_steps))
+
+
+def _total_steps(
+    loader: Iterable[Any], acc: Accumulator, epochs: int, max_steps: int | None
+) -> int | None:
+    """Optimizer steps the run will take, where knowable (for the bar's total)."""
     assert acc.plan is not None
     per_epoch = acc.source(loader).num_windows(acc.plan)
     total = per_epoch * epochs if per_epoch is not None else None
     if max_steps is not None:
         total = min(total, max_steps) if total is not None else max_steps
-    losses: list[float] = []
-    samples = skipped = epochs_started = 0
-    items = 0.0
-    with _progress_bar(progress, total, acc.plan.describe()) as bar:
-        for epoch in range(epochs):
-            if max_steps is not None and len(losses) >= max_steps:
-                break
-            epochs_started += 1
-            windows = 0
-            for window in acc.windows(loader, epoch):  # a plan shrunk by an OOM applies next
-                outcome = acc.train_window(window)
-                windows += 1
-                losses.append(outcome.loss)
-                samples += outcome.samples
-                items += outcome.items
-                skipped += not outcome.stepped
-                bar.update(samples=outcome.samples, loss=outcome.loss)
-                if max_steps is not None and len(losses) >= max_steps:
-                    break
-            if windows == 0 and epoch > 0:
-                raise ConfigError(
-                    f"epoch {epoch} yielded no data: the loader is a one-shot iterator that was "
-                    "used up by the previous epoch. Pass a re-iterable (a DataLoader or a list "
-                    "of batches) to train for several epochs"
-                )
-    return losses, samples, items, epochs_started, skipped
-
-
-def _progress_bar(enabled: bool, total: int | None, plan_text: str) -> Any:
-    """The console progress bar (rich), only when it is to be shown."""
-    if not enabled:
-        return _NoBar()
-    from autoaccum.render import TrainProgress
-
-    return TrainProgress(enabled=True, total=total, plan_text=plan_text)
+    return total
 
 
 class _NoBar:
@@ -218,7 +212,4 @@ class _NoBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, *, samples: int, loss: float) -> None:
         return None

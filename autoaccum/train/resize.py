@@ -148,5 +148,24 @@ class Resizer:
         self._record(step + 1, window, plan.micro_batch, new.micro_batch, "grow")
         return new
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the changes and the rule's memory."""
+        return {
+            "ceiling": self.ceiling,
+            "grow_after": self.grow_after,
+            "resizes": list(self.resizes),
+            "oom_retries": self.oom_retries,
+            "failures": dict(self.failures),
+            "clean": self.clean,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ceiling = state["ceiling"]
+        self.grow_after = state["grow_after"]
+        self.resizes = list(state["resizes"])
+        self.oom_retries = state["oom_retries"]
+        self.failures = Counter(state["failures"])
+        self.clean = state["clean"]
+
     def _record(self, step: int, window: Window, old: int, new: int, reason: str) -> None:
         self.resizes.append(Resize(step, window.epoch, window.index, old, new, reason))

@@ -318,6 +318,45 @@ def failure_env(rank: int) -> dict[str, Any]:
     raise AssertionError("fit went on after a rank failed")
 
 
+OUT = Path(".")  #: the test's folder (set by main): where shared files go
+
+
+def _resume_job(steps: int, **kwargs: Any) -> dict[str, Any]:
+    from resume_job import model
+
+    torch.manual_seed(123)  # dropout's randomness and the loader's seed draws
+    net = model()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.05)
+    result = autoaccum.fit(
+        net,
+        DataLoader(tokens(40), batch_size=4, shuffle=True),
+        8,
+        optimizer=optimizer,
+        epochs=3,
+        max_steps=steps,
+        max_micro=3,
+        device="cpu",
+        progress=False,
+        report=False,
+        **kwargs,
+    )
+    return {"params": params(net), "losses": list(result.losses)}
+
+
+def resume_first(rank: int) -> dict[str, Any]:
+    """The straight run (7 steps), and the same run stopped after 3 with a checkpoint."""
+    from autoaccum.train.callbacks import Checkpoint
+
+    straight = _resume_job(7)
+    _resume_job(3, callbacks=[Checkpoint(OUT / "ckpt", every=3)])
+    return {"straight": straight}
+
+
+def resume_second(rank: int) -> dict[str, Any]:
+    """New processes resume the stopped run to 7 steps."""
+    return _resume_job(7, resume=OUT / "ckpt")
+
+
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "samples_env": samples_env,
     "tokens": tokens_,
@@ -329,11 +368,15 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "oom_recovery": oom_recovery,
     "failures": failures,
     "failure_env": failure_env,
+    "resume_first": resume_first,
+    "resume_second": resume_second,
 }
 
 
 def main() -> None:
+    global OUT
     scenario, rank, port, outdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    OUT = outdir
     torch.set_num_threads(1)
     own_group = not scenario.endswith("_env")
     if own_group:

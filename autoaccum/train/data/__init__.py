@@ -42,6 +42,14 @@ class WindowSource(Protocol):
 
     def windows(self, plan: Plan, epoch: int, *, skip: int = 0) -> Iterator[Window]: ...
 
+    def epoch_state(self, epoch: int) -> object | None:
+        """What an exact resume needs to draw ``epoch``'s order again."""
+        ...
+
+    def restore_epoch(self, epoch: int, state: object) -> None:
+        """Draw ``epoch``'s order again from ``epoch_state(epoch)``'s state."""
+        ...
+
 
 def window_source(
     data: Iterable[Any], *, rank: int = 0, world_size: int = 1, seed: int = 0

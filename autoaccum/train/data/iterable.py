@@ -71,6 +71,13 @@ class IterableWindows:
                 need -= min(n, need)
         return concat_batches(parts)
 
+    def epoch_state(self, epoch: int) -> None:
+        """Nothing: an iterable is read again from its start (see :meth:`windows`'s ``skip``)."""
+        return
+
+    def restore_epoch(self, epoch: int, state: object) -> None:
+        """Nothing to draw: a resumed epoch re-reads the data and skips the windows done."""
+
     def windows(self, plan: Plan, epoch: int, *, skip: int = 0) -> Iterator[Window]:
         """This epoch's windows of ``plan.per_rank`` samples; the last one may be short.
 

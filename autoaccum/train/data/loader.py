@@ -31,15 +31,13 @@ import torch
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
-    DistributedSampler,
-    RandomSampler,
-    SequentialSampler,
 )
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from autoaccum.errors import BatchError, ConfigError, check_count
 from autoaccum.plan import Plan
 from autoaccum.probing.state import preserved_rng
+from autoaccum.train.data.order import DrawState, fork_base_seed, rank_sampler
 from autoaccum.train.data.window import Window, too_small
 
 __all__ = ["LoaderWindows"]
@@ -76,24 +74,6 @@ class _MicroIndexLists:
         return len(self.lists)
 
 
-def _fork_base_seed(generator: torch.Generator | None) -> torch.Generator:
-    """Draw the workers' base seed as the user's own loader would, and replay it elsewhere.
-
-    A DataLoader draws a base seed (from its generator, or torch's global RNG) when
-    an epoch starts, *before* its sampler draws the permutation. We draw the same
-    value at the same point so that a RandomSampler yields the very permutation the
-    user's loader would, and return a copy of the generator's state from before the
-    draw: the re-batching loader draws its base seed from that copy, so the workers
-    get the user's seeds and the real RNG advances exactly once per epoch, as it
-    would with the user's loader.
-    """
-    source = generator if generator is not None else torch.default_generator
-    replay = torch.Generator(device=source.device)
-    replay.set_state(source.get_state())
-    torch.empty((), dtype=torch.int64).random_(generator=generator)
-    return replay
-
-
 class LoaderWindows:
     """The windows of a DataLoader over a map-style dataset, re-batched, for one rank."""
 
@@ -114,6 +94,8 @@ class LoaderWindows:
         self._inner: DataLoader[Any] | None = None
         #: an epoch's order drawn ahead of its windows (by sample_batch), with its seed replay
         self._drawn: tuple[int, list[Any], torch.Generator | None] | None = None
+        #: the random state each epoch's order was drawn from (for an exact resume)
+        self._drawn_from: dict[int, DrawState] = {}
         self._setup()
 
     # ------------------------------------------------------------------ set-up
@@ -124,7 +106,9 @@ class LoaderWindows:
         if user_batch_sampler is None or type(user_batch_sampler) is BatchSampler:
             # A plain BatchSampler only groups its sampler's order; take that order.
             sampler = loader.sampler if user_batch_sampler is None else user_batch_sampler.sampler
-            self._sampler = self._rank_sampler(sampler)
+            self._sampler = rank_sampler(
+                loader, sampler, rank=self.rank, world_size=self.world_size, seed=self.seed
+            )
         elif self.world_size > 1:
             raise ConfigError(
                 f"the DataLoader has a custom batch_sampler ({type(user_batch_sampler).__name__}), "
@@ -144,35 +128,6 @@ class LoaderWindows:
                     "and a collate_fn that takes a list of samples"
                 )
             self._collate_fn = default_collate
-
-    def _rank_sampler(self, sampler: Iterable[Any]) -> Iterable[Any]:
-        """The sampler giving this rank's index order."""
-        if isinstance(sampler, DistributedSampler):
-            if sampler.num_replicas != self.world_size or sampler.rank != self.rank:
-                raise ConfigError(
-                    f"the DataLoader's DistributedSampler is for rank {sampler.rank} of "
-                    f"{sampler.num_replicas}, but this process is rank {self.rank} of "
-                    f"{self.world_size}; build it with num_replicas={self.world_size}, "
-                    f"rank={self.rank}, or let autoaccum build it (pass shuffle=True/False)"
-                )
-            return sampler
-        if self.world_size == 1:
-            return sampler
-        if isinstance(sampler, (SequentialSampler, RandomSampler)):
-            return DistributedSampler(
-                self.loader.dataset,
-                num_replicas=self.world_size,
-                rank=self.rank,
-                shuffle=isinstance(sampler, RandomSampler),
-                seed=self.seed,
-                drop_last=False,
-            )
-        raise ConfigError(
-            f"the DataLoader's sampler ({type(sampler).__name__}) cannot be sharded across "
-            f"{self.world_size} ranks by autoaccum; pass a DataLoader with "
-            "sampler=DistributedSampler(dataset, num_replicas=world_size, rank=rank), "
-            "or shuffle=True/False and let autoaccum build one"
-        )
 
     # ------------------------------------------------------------------ sizes
 
@@ -206,10 +161,11 @@ class LoaderWindows:
             self._drawn = None
             return order, replay
         loader = self.loader
+        self._drawn_from = {epoch: DrawState.capture(loader.generator)}
         persistent = loader.persistent_workers and loader.num_workers > 0
         replay = None
         if not (persistent and self._inner is not None):
-            replay = _fork_base_seed(loader.generator)
+            replay = fork_base_seed(loader.generator)
         source = self._batch_sampler if self._batch_sampler is not None else self._sampler
         set_epoch = getattr(source, "set_epoch", None)
         if callable(set_epoch):
@@ -220,6 +176,22 @@ class LoaderWindows:
             assert self._sampler is not None  # set by _setup whenever there is no batch_sampler
             order = list(self._sampler)
         return order, replay
+
+    def epoch_state(self, epoch: int) -> DrawState | None:
+        """The random state ``epoch``'s order was drawn from (None before it was drawn)."""
+        return self._drawn_from.get(epoch)
+
+    def restore_epoch(self, epoch: int, state: object) -> None:
+        """Draw ``epoch``'s order again from the random state it was first drawn from (see
+        :meth:`epoch_state`), for :meth:`windows` to use; the caller then puts back the random
+        state of the moment it resumes from."""
+        if not isinstance(state, DrawState):
+            raise ConfigError(
+                "the checkpoint's data position was saved for another kind of data (not a "
+                "DataLoader over a map-style dataset); resume with the data it was taken with"
+            )
+        state.restore(self.loader.generator)
+        self._drawn = (epoch, *self._draw(epoch))
 
     def collate(self, indices: Sequence[Any]) -> Any:
         """One batch of ``indices``, fetched and collated as a worker would, on this process,

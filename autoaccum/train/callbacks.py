@@ -1,0 +1,168 @@
+"""Acting along the way: the callbacks a run calls, and the ones a user reaches for.
+
+A callback is any object with some of ``on_step(run)`` (after every optimizer step),
+``on_epoch_end(run)``, ``on_oom(run, resize)`` (after the micro-batch changed) and
+``on_train_end(run)``; :class:`Callback` is a base class with all of them doing nothing.
+``run`` is the run in progress (:class:`RunView`): ``run.state()`` says where it stands,
+``run.stop()`` ends it after this step (on every rank), ``run.save_checkpoint(...)`` and
+``run.evaluate(...)`` do what the built-ins do. Callbacks run on every rank (a checkpoint or
+an evaluation needs every rank); the built-ins write files on rank 0 only.
+
+Built in: :class:`Evaluate` (a second loader every N steps, without gradients, with its own
+probed micro-batch), :class:`JsonLog` (a JSON line per step and per event) and
+:class:`Checkpoint` (every N steps, atomically, the last K kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from autoaccum.errors import check_count
+from autoaccum.plan import Plan
+from autoaccum.results import Resize
+
+__all__ = ["Callback", "Checkpoint", "Evaluate", "JsonLog", "RunView", "StepState"]
+
+
+@dataclass(frozen=True)
+class StepState:
+    """Where a run stands after an optimizer step (all counts over all ranks)."""
+
+    step: int  #: optimizer steps taken (fp16 steps the GradScaler skipped included)
+    epoch: int
+    window: int  #: the index, within its epoch, of the window just trained
+    loss: float  #: that window's loss (item-weighted over the window, all ranks)
+    lrs: tuple[float, ...]  #: each parameter group's learning rate now
+    samples_seen: int
+    tokens_seen: float  #: items (count_fn) seen: tokens for token-level losses
+    micro_sizes: tuple[int, ...]  #: the plan in force (per rank)
+    seconds: float  #: since the run started
+    rank: int
+
+
+class RunView(Protocol):
+    """What callbacks see of the run (:class:`autoaccum.train.run.Run`)."""
+
+    plan: Plan
+    metrics: list[dict[str, Any]]
+
+    def state(self) -> StepState: ...
+
+    def stop(self, reason: str = "a callback asked") -> None: ...
+
+    def save_checkpoint(self, directory: str | os.PathLike[str], keep: int = 3) -> Path | None: ...
+
+    def evaluate(self, data: Iterable[Any], *, max_micro: int | None = None) -> float: ...
+
+
+class Callback:
+    """A base class whose hooks do nothing; override the ones you need."""
+
+    def on_step(self, run: RunView) -> None:
+        """After every optimizer step (``run.state()`` describes it)."""
+
+    def on_epoch_end(self, run: RunView) -> None:
+        """After the last window of an epoch."""
+
+    def on_oom(self, run: RunView, resize: Resize) -> None:
+        """After the micro-batch changed: shrunk after running out of memory, or grown back."""
+
+    def on_train_end(self, run: RunView) -> None:
+        """Once, after the last step."""
+
+
+class Evaluate(Callback):
+    """Every ``every`` steps (and at the end of training), the item-weighted mean loss on
+    ``data`` without gradients, with the model in eval mode and a micro-batch of its own
+    (``max_micro``, or probed: an evaluation forward holds no activations for backward, so it
+    fits a larger batch than training). It goes to ``run.metrics`` as
+    ``{"step": …, "eval_loss": …}`` and to the log."""
+
+    def __init__(self, data: Iterable[Any], *, every: int, max_micro: int | None = None) -> None:
+        self.data = data
+        self.every = check_count("every", every)
+        self.max_micro = check_count("max_micro", max_micro) if max_micro is not None else None
+        self._last = -1
+
+    def on_step(self, run: RunView) -> None:
+        state = run.state()
+        if state.step % self.every == 0:
+            self._evaluate(run, state.step)
+
+    def on_train_end(self, run: RunView) -> None:
+        step = run.state().step
+        if step != self._last:
+            self._evaluate(run, step)
+
+    def _evaluate(self, run: RunView, step: int) -> None:
+        loss = run.evaluate(self.data, max_micro=self.max_micro)
+        run.metrics.append({"step": step, "eval_loss": loss})
+        self._last = step
+
+
+class JsonLog(Callback):
+    """Appends one JSON object per line to ``path`` (rank 0 only): every ``every``-th step's
+    state, every micro-batch change and every evaluation."""
+
+    def __init__(self, path: str | os.PathLike[str], *, every: int = 1) -> None:
+        self.path = Path(path)
+        self.every = check_count("every", every)
+        self._metrics = 0
+
+    def _write(self, run: RunView, record: dict[str, Any]) -> None:
+        if run.state().rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def on_step(self, run: RunView) -> None:
+        state = run.state()
+        if state.step % self.every == 0:
+            self._write(run, {"event": "step", **asdict(state)})
+        self._evaluations(run)
+
+    def _evaluations(self, run: RunView) -> None:
+        for metric in run.metrics[self._metrics :]:
+            self._write(run, {"event": "eval", **metric})
+        self._metrics = len(run.metrics)
+
+    def on_oom(self, run: RunView, resize: Resize) -> None:
+        self._write(run, {"event": "resize", **asdict(resize)})
+
+    def on_train_end(self, run: RunView) -> None:
+        self._evaluations(run)  # those the end of training triggered
+
+
+class Checkpoint(Callback):
+    """A checkpoint every ``every`` steps in ``directory`` (and at the end), written
+    atomically, the last ``keep`` kept; ``fit(..., resume=directory)`` continues exactly
+    from the newest."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, every: int, keep: int = 3) -> None:
+        self.directory = Path(directory)
+        self.every = check_count("every", every)
+        self.keep = check_count("keep", keep)
+        self.saved: list[Path] = []  #: the files written (rank 0)
+        self._last = -1
+
+    def on_step(self, run: RunView) -> None:
+        step = run.state().step
+        if step % self.every == 0:
+            self._save(run, step)
+
+    def on_train_end(self, run: RunView) -> None:
+        step = run.state().step
+        if step != self._last:
+            self._save(run, step)
+
+    def _save(self, run: RunView, step: int) -> None:
+        path = run.save_checkpoint(self.directory, keep=self.keep)
+        if path is not None:
+            self.saved.append(path)
+        self._last = step

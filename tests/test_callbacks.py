@@ -1,0 +1,133 @@
+"""Acting along the way: the state callbacks see, stopping from one, evaluation on a second
+loader, the JSON-lines log, the micro-batch changes reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import mlp
+from reference import LR, ce, samples
+from torch import nn
+from torch.utils.data import DataLoader
+
+import autoaccum
+from autoaccum.train.callbacks import Callback, Evaluate, JsonLog, RunView
+
+
+def _fit(model: nn.Module, callbacks: list[Any], **kwargs: Any) -> autoaccum.FitResult:
+    kwargs.setdefault("max_micro", 4)
+    return autoaccum.fit(
+        model,
+        DataLoader(samples(40), batch_size=8),
+        8,
+        loss_fn=ce,
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        device="cpu",
+        progress=False,
+        report=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def on_step(self, run: RunView) -> None:
+        self.events.append(("step", run.state()))
+
+    def on_epoch_end(self, run: RunView) -> None:
+        self.events.append(("epoch_end", run.state().epoch))
+
+    def on_train_end(self, run: RunView) -> None:
+        self.events.append(("end", run.state().step))
+
+
+def test_callbacks_see_every_step_epoch_and_the_end() -> None:
+    recorder = Recorder()
+    result = _fit(mlp(), [recorder], epochs=2)
+    steps = [state for kind, state in recorder.events if kind == "step"]
+    assert [s.step for s in steps] == list(range(1, 11))
+    assert [(s.epoch, s.window) for s in steps[3:6]] == [(0, 3), (0, 4), (1, 0)]
+    assert [s.loss for s in steps] == list(result.losses)
+    assert steps[-1].samples_seen == 80
+    assert steps[0].lrs == (LR,)
+    assert steps[0].micro_sizes == (4, 4)
+    assert [e for e in recorder.events if e[0] != "step"] == [
+        ("epoch_end", 0),
+        ("epoch_end", 1),
+        ("end", 10),
+    ]
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, run: RunView) -> None:
+        if run.state().step == self.step:
+            run.stop("enough")
+
+
+def test_a_callback_stops_the_run_after_its_step() -> None:
+    result = _fit(mlp(), [StopAt(3)], epochs=3)
+    assert result.optimizer_steps == 3
+    assert result.stopped_early
+
+
+def test_an_error_in_a_callback_stops_the_run_with_that_error() -> None:
+    class Broken(Callback):
+        def on_step(self, run: RunView) -> None:
+            raise RuntimeError("the logger's disk is full")
+
+    with pytest.raises(RuntimeError, match="disk is full"):
+        _fit(mlp(), [Broken()])
+
+
+def test_evaluation_on_a_second_loader_without_gradients_or_side_effects() -> None:
+    evaluation = samples(12, seed=5)
+    model = nn.Sequential(mlp(), nn.Dropout(0.5))
+    evaluate = Evaluate(DataLoader(evaluation, batch_size=5, shuffle=True), every=2)
+    torch.manual_seed(0)
+    result = _fit(model, [evaluate])
+    assert [m["step"] for m in result.evaluations] == [2, 4, 5]  # every 2, and at the end
+    model.eval()
+    with torch.no_grad():
+        expected = float(ce(model, evaluation.tensors))
+    assert result.evaluations[-1]["eval_loss"] == pytest.approx(expected, rel=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_evaluation_leaves_training_exactly_as_it_was() -> None:
+    """Dropout, a shuffled evaluation loader: evaluating draws nothing from training's
+    random streams, so the weights are those of the same run without evaluation."""
+    plain, evaluated = nn.Sequential(mlp(), nn.Dropout(0.3)), nn.Sequential(mlp(), nn.Dropout(0.3))
+    torch.manual_seed(0)
+    _fit(plain, [])
+    torch.manual_seed(0)
+    _fit(evaluated, [Evaluate(DataLoader(samples(9), batch_size=4, shuffle=True), every=1)])
+    assert all(
+        torch.equal(p, q) for p, q in zip(plain.parameters(), evaluated.parameters(), strict=True)
+    )
+
+
+def test_the_json_log_has_a_line_per_step_and_per_event(tmp_path: Path) -> None:
+    from helpers import OOMAbove
+
+    log = tmp_path / "log" / "train.jsonl"
+    model = nn.Sequential(mlp(), OOMAbove(3))
+    evaluate = Evaluate(DataLoader(samples(6)), every=5, max_micro=2)
+    with pytest.warns(UserWarning, match="out of memory"):
+        _fit(model, [evaluate, JsonLog(log)])
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = [line["event"] for line in lines]
+    assert kinds.count("step") == 5
+    assert kinds[0] == "resize"  # the first window ran out of memory at 4 and went on at 3
+    assert (lines[0]["old"], lines[0]["new"], lines[0]["reason"]) == (4, 3, "oom")
+    assert lines[1]["micro_sizes"] == [3, 3, 2]
+    assert [line["step"] for line in lines if line["event"] == "eval"] == [5]
