@@ -12,7 +12,7 @@ import datetime
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -57,12 +57,15 @@ def fit(
     timeout: float = 600.0,
     callbacks: Sequence[Any] = (),
     resume: str | os.PathLike[str] | None = None,
+    size_fn: Callable[[Any], int] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``loader`` with ``target_batch`` samples per optimizer step.
 
-    The largest micro-batch that fits is probed with real samples of the first window
-    (skipped when ``max_micro`` is given), the accumulation is planned so that micro-batches
-    × ``accum_iter`` × ranks equal ``target_batch`` exactly, and every optimizer step applies
+    The largest micro-batch that fits is probed with real samples: the heaviest of the
+    dataset where it can be scanned (weighed by ``size_fn(sample)``, by default its tensors'
+    elements), else the first window's (skipped when ``max_micro`` is given); the
+    accumulation is planned so that micro-batches × ``accum_iter`` × ranks equal
+    ``target_batch`` exactly, and every optimizer step applies
     exactly the gradient of one big batch of the same samples — also for uneven micro
     sizes, token-level losses (``count_fn``) and the short last window of an epoch.
 
@@ -118,6 +121,7 @@ def fit(
             prefetch=dev.type == "cuda" and bool(getattr(loader, "pin_memory", False)),
             sync=sync,
             timeout=limit,
+            size_fn=size_fn,
         )
         bar = _progress_bar(progress and info.is_main, loader, acc, epochs, max_steps)
         run = Run(acc, loader, epochs=epochs, max_steps=max_steps, callbacks=[*callbacks, bar])
@@ -127,8 +131,8 @@ def fit(
                 pass  # the checkpoint's plan, on the device it was probed on
             elif max_micro is not None:
                 acc.replan(max_micro)
-            else:  # the probe sees the first window's samples, as training will
-                acc.probe(acc.source(loader).sample_batch(acc.target_batch // info.world_size))
+            else:  # on the heaviest samples: no later micro-batch needs more memory
+                acc.probe_data(loader)
             _warn_batchnorm(acc)
             run.train()
         assert acc.plan is not None  # planned above

@@ -40,6 +40,10 @@ class WindowSource(Protocol):
 
     def sample_batch(self, size: int) -> Any: ...
 
+    def probe_batch(self, size: int, size_fn: Any = None) -> tuple[Any, str]:
+        """The batch to probe with, and what it is, in words."""
+        ...
+
     def windows(self, plan: Plan, epoch: int, *, skip: int = 0) -> Iterator[Window]: ...
 
     def epoch_state(self, epoch: int) -> object | None:

@@ -78,6 +78,12 @@ class IterableWindows:
     def restore_epoch(self, epoch: int, state: object) -> None:
         """Nothing to draw: a resumed epoch re-reads the data and skips the windows done."""
 
+    def probe_batch(self, size: int, size_fn: Any = None) -> tuple[Any, str]:
+        """The first window's samples, and that they are: an iterable cannot be scanned for its
+        heaviest samples (a later, longer batch is left to the out-of-memory recovery)."""
+        batch = self.sample_batch(size)
+        return batch, f"the first {size} samples (an iterable cannot be scanned for its heaviest)"
+
     def windows(self, plan: Plan, epoch: int, *, skip: int = 0) -> Iterator[Window]:
         """This epoch's windows of ``plan.per_rank`` samples; the last one may be short.
 

@@ -37,6 +37,7 @@ from torch.utils.data._utils.collate import default_collate, default_convert
 from autoaccum.errors import BatchError, ConfigError, check_count
 from autoaccum.plan import Plan
 from autoaccum.probing.state import preserved_rng
+from autoaccum.train.data.heaviest import SizeFn, heaviest
 from autoaccum.train.data.order import DrawState, fork_base_seed, rank_sampler
 from autoaccum.train.data.window import Window, too_small
 
@@ -192,6 +193,21 @@ class LoaderWindows:
             )
         state.restore(self.loader.generator)
         self._drawn = (epoch, *self._draw(epoch))
+
+    def probe_batch(self, size: int, size_fn: SizeFn | None = None) -> tuple[Any, str]:
+        """The batch to probe with, and what it is: the ``size`` heaviest samples of the
+        dataset collated together (see :mod:`~autoaccum.train.data.heaviest`), or, where the
+        dataset cannot be read by index and counted, the first samples of epoch 0."""
+        dataset = self.loader.dataset
+        try:
+            total = len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return self.sample_batch(size), f"the first {size} samples of epoch 0"
+        if total == 0:
+            raise self._empty_error()
+        with preserved_rng():  # reading samples may draw random augmentations
+            found = heaviest(dataset, range(total), min(size, total), size_fn=size_fn)
+        return self.collate(found.indices), found.describe()
 
     def collate(self, indices: Sequence[Any]) -> Any:
         """One batch of ``indices``, fetched and collated as a worker would, on this process,
