@@ -29,6 +29,7 @@ from autoaccum.factory import FACTORY_CONTRACT, UsageError, make
 from autoaccum.memory.collect import memory_report
 from autoaccum.memory.explain import explain
 from autoaccum.plan import make_plan
+from autoaccum.probing.fastest import CHOICES
 from autoaccum.probing.peaks import DEFAULT_MARGIN
 from autoaccum.probing.trials import probe
 from autoaccum.render import print_report
@@ -87,6 +88,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         precision=args.precision,
         margin=args.margin,
         device=dev,
+        choose=args.choose,
     )
     plan = make_plan(args.target_batch, result.max_micro, min_micro=min_micro(model))
     report = memory_report(dev)
@@ -170,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MARGIN,
         help="share of the device's memory limit kept spare at the chosen size, where memory "
         f"is measured (CUDA); elsewhere the same share of the samples (default {DEFAULT_MARGIN})",
+    )
+    probe.add_argument(
+        "--choose",
+        choices=CHOICES,
+        default="auto",
+        help="the micro-batch under the ceiling: the fastest plan (timed), the largest, or "
+        "auto: fastest on a GPU (default: auto)",
     )
     probe.add_argument("--json", action="store_true", help="print JSON (bytes) instead of tables")
     probe.set_defaults(handler=_cmd_probe)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from autoaccum.errors import PlanError, check_count
 
-__all__ = ["Plan", "even_split", "make_plan"]
+__all__ = ["Plan", "compare_with_fit", "equal_plan", "even_split", "make_plan"]
 
 
 def even_split(total: int, parts: int) -> tuple[int, ...]:
@@ -156,4 +157,47 @@ def make_plan(
         micro_sizes=sizes,
         max_micro=max_micro,
         min_micro=min_micro,
+    )
+
+
+def equal_plan(target_batch: int, max_micro: int, world_size: int = 1, min_micro: int = 1) -> Plan:
+    """The plan with equal micro-batches, for loops that need them (Lightning, the Transformers
+    Trainer): the largest divisor of the per-rank share that is at most ``max_micro`` (and at
+    least ``min_micro``). ``plan.max_micro`` stays the ceiling."""
+    fit_plan = make_plan(target_batch, max_micro, world_size, min_micro=min_micro)
+    share = fit_plan.per_rank
+
+    def divisor(n: int) -> int | None:
+        return next((d for d in range(min(max_micro, n), min_micro - 1, -1) if n % d == 0), None)
+
+    micro = divisor(share)
+    if micro is None:  # only with min_micro 2: a prime share above the ceiling
+        below = next((s for s in range(share - 1, 0, -1) if divisor(s)), None)
+        above = next(s for s in itertools.count(share + 1) if divisor(s))
+        near = " or ".join(str(s * world_size) for s in (below, above) if s is not None)
+        raise PlanError(
+            f"the per-rank share {share} of target_batch {target_batch} has no divisor from "
+            f"{min_micro} to {max_micro}, and equal micro-batches of one sample cannot train "
+            f"this model (BatchNorm); use target_batch={near}"
+        )
+    return replace(
+        make_plan(target_batch, micro, world_size, min_micro=min_micro), max_micro=max_micro
+    )
+
+
+def compare_with_fit(plan: Plan, host: str) -> str:
+    """How the equal-split ``plan`` compares with what ``autoaccum.fit`` would run, in words
+    (for the integrations with loops that need equal micro-batches: Lightning, the Trainer)."""
+    fit_plan = make_plan(
+        plan.target_batch, plan.max_micro, plan.world_size, min_micro=plan.min_micro
+    )
+    head = f"per-device share {plan.per_rank}, ceiling {plan.max_micro}"
+    if plan.micro_batch == fit_plan.micro_batch:
+        return f"{head}: {plan.micro_batch} × {plan.accum_iter}, as autoaccum.fit would run it"
+    fit_sizes = "+".join(map(str, fit_plan.micro_sizes))
+    return (
+        f"{head}: {host} needs equal micro-batches, so {plan.micro_batch} × {plan.accum_iter} "
+        f"(autoaccum.fit would use {fit_sizes}): {fit_plan.micro_batch - plan.micro_batch} "
+        f"samples fewer per micro-batch, {plan.accum_iter - fit_plan.accum_iter} more "
+        "micro-steps per optimizer step"
     )

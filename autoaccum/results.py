@@ -90,8 +90,9 @@ class ProbeResult:
     baseline_allocated: int | None = None  #: bytes allocated before the first trial
     fixed_bytes: dict[str, int] = field(default_factory=dict)  #: params/grads/optimizer state
     limit_bytes: int | None = None  #: bytes this process may hold on the device (measured)
-    probed_on: str = ""  #: what the trials ran on, e.g. "the 8 longest of 120 samples"
+    probed_on: str = ""  #: what the trials ran on, e.g. "the 8 heaviest of 120 samples"
     notes: tuple[str, ...] = ()  #: how the ceiling was reached, when not by a plain search
+    choice: str = ""  #: why the fastest plan's micro-batch was chosen under the ceiling
 
     @property
     def hit_limit(self) -> bool:

@@ -1,15 +1,15 @@
-"""bench_probe: the micro-batch each batch-size finder picks, how long it takes, and whether
-the pick survives a long run started afresh.
+"""bench_probe: the micro-batch each batch-size finder picks, how long it takes, the exactly
+bracketed stable maximum, and whether autoaccum's pick survives a long fresh run.
 
 For every workload × cap, each tool runs in its own fresh process
-(``benchmarks.probe_worker``), so no tool profits from another's allocator cache or
-autotuning: autoaccum (``autoaccum.probe``), Lightning ``Tuner.scale_batch_size``
-(power and binsearch) and Accelerate ``find_executable_batch_size``; a peer that is not
-installed is reported as skipped. Then the *stable maximum*, the largest micro-batch
-that trains ``--fresh-steps`` steps in a fresh process (``benchmarks.fresh_run``), is
-bisected, starting from the tools' choices and only between them (largest choice first,
-then bisection between the largest that survives and the smallest that fails, at most
-``--max-fresh-runs`` runs), which also says whether each tool's choice survives.
+(``benchmarks.probe_worker``): autoaccum, Lightning (power, binsearch), Accelerate and
+Composer; a peer that is not installed is reported as skipped. Then, in fresh processes
+(``benchmarks.fresh_run``), the *stable maximum* (the largest micro-batch that trains
+``--fresh-steps`` steps) is bracketed exactly by :func:`benchmarks.stable.bracket_stable`:
+down through the candidates (every tool's choice and in-process maximum, Lightning's before
+its margin, the first size autoaccum saw fail), *up past the top one* until a size fails,
+then bisected until the largest that trains and the smallest that fails are one apart.
+Last, autoaccum's choice trains ``--choice-steps`` steps (200) in a fresh process.
 
     python -m benchmarks.bench_probe               # GPU
     python -m benchmarks.bench_probe --tiny        # CPU smoke mode (fault-injected OOM)
@@ -28,27 +28,31 @@ from benchmarks.common import (
     add_common_args,
     check_names,
     env_info,
-    env_line,
     label,
-    md_table,
-    mode_note,
     peer_module,
     pick_device,
     run_worker,
+    skipped,
     time_left,
-    verdict,
-    write_outputs,
+    unavailable,
 )
+from benchmarks.probe_render import render
 from benchmarks.probe_worker import TOOL_PEER, TOOLS
+from benchmarks.stable import Stop, bracket_stable
+from benchmarks.tables import write_outputs
+from benchmarks.targets import (
+    CHOICE_STEPS,
+    MISS,
+    PROBE_TIME_LIMIT,
+    Verdict,
+    judge_at_most,
+    judge_fresh,
+    judge_share,
+    not_established,
+    overall,
+)
+from benchmarks.workloads import get_workload
 
-TOOL_NAMES = {
-    "autoaccum": "autoaccum",
-    "lightning-power": "Lightning (power)",
-    "lightning-binsearch": "Lightning (binsearch)",
-    "accelerate": "Accelerate",
-}
-CHOICE_FRACTION = 0.95  #: autoaccum's choice must reach this share of the stable maximum
-PROBE_TIME_FRACTION = 0.5  #: autoaccum's probe must take at most this share of binsearch's
 MIN_SECONDS = 5.0  #: don't start a process with less time left than this
 
 
@@ -63,16 +67,10 @@ def run_tools(args: argparse.Namespace, workload: str, cap: str) -> dict[str, di
         if left < MIN_SECONDS:
             results[tool] = {"status": "skipped", "reason": "time budget spent"}
             continue
-        cmd = [
-            "--tool",
-            tool,
-            "--workload",
-            workload,
-            "--cap",
-            cap,
-            *(["--tiny"] if args.tiny else []),
-        ]
-        out = run_worker("benchmarks.probe_worker", cmd, min(args.tool_timeout, left))
+        cmd = ["--tool", tool, "--workload", workload, "--cap", cap]
+        out = run_worker(
+            "benchmarks.probe_worker", [*cmd, *tiny(args)], min(args.tool_timeout, left)
+        )
         if out.result is not None:
             result = out.result
         elif out.rc is None:
@@ -85,228 +83,129 @@ def run_tools(args: argparse.Namespace, workload: str, cap: str) -> dict[str, di
     return results
 
 
+def tiny(args: argparse.Namespace) -> list[str]:
+    return ["--tiny"] if args.tiny else []
+
+
 def _describe(r: dict[str, Any]) -> str:
     if r.get("status") != "ok":
         return f"{r.get('status')} ({r.get('reason')})"
     return f"micro-batch {r['micro_batch']} in {r['seconds']:.1f} s, {r['trials']} trials"
 
 
+def candidates(tools: dict[str, dict[str, Any]]) -> set[int]:
+    """Where the bracket starts: every tool's choice and in-process maximum (Lightning's
+    before its margin), and the first size autoaccum's search saw fail."""
+    found: set[int] = set()
+    for result in tools.values():
+        if result.get("status") != "ok":
+            continue
+        for key in ("micro_batch", "max_batch", "first_fail"):
+            if result.get(key):
+                found.add(int(result[key]))
+    return found
+
+
+def fresh_run(
+    args: argparse.Namespace, workload: str, cap: str, size: int, steps: int, runs: list[Any]
+) -> bool:
+    """One fresh process training ``steps`` steps at ``size``: True when it trained them,
+    False on out-of-memory; :class:`Stop` when it could not say (budget, error, timeout)."""
+    left = time_left(args.deadline)
+    if left < MIN_SECONDS:
+        raise Stop("time budget spent")
+    cmd = ["--workload", workload, "--cap", cap, "--size", str(size), "--steps", str(steps)]
+    cmd += ["--accum", str(args.fresh_accum), *tiny(args)]
+    out = run_worker("benchmarks.fresh_run", cmd, min(args.fresh_timeout, left))
+    record: dict[str, Any] = {"size": size, "steps": steps, "rc": out.rc}
+    record["process_seconds"] = out.seconds
+    if out.result is not None:
+        keep = ("seconds", "peak_allocated", "steps_done", "error")
+        record.update({k: out.result.get(k) for k in keep})
+    runs.append(record)
+    print(f"  {label(workload, cap)} fresh {size} × {steps} steps: rc={out.rc}", file=sys.stderr)
+    if out.rc not in (EXIT_OK, EXIT_OOM):
+        raise Stop(f"fresh run at {size} did not finish cleanly (rc={out.rc})")
+    return out.rc == EXIT_OK
+
+
 def stable_search(
     args: argparse.Namespace, workload: str, cap: str, tools: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    """Bisect the stable maximum with fresh processes, bounded by the tools' choices."""
-    ok = {t: r for t, r in tools.items() if r.get("status") == "ok" and r.get("micro_batch")}
-    choices = {t: int(r["micro_batch"]) for t, r in ok.items()}
-    candidates = set(choices.values())
-    aa = ok.get("autoaccum")
-    if aa is not None:
-        candidates.add(int(aa["max_batch"]))
-        if aa.get("first_fail"):
-            candidates.add(int(aa["first_fail"]))
+    """Bracket the stable maximum with fresh processes, then run autoaccum's choice long."""
     runs: list[dict[str, Any]] = []
-    outcome: dict[int, bool] = {}
-    stopped: str | None = None
-
-    def fresh(size: int) -> bool | None:
-        nonlocal stopped
-        if len(runs) >= args.max_fresh_runs:
-            stopped = f"--max-fresh-runs {args.max_fresh_runs} reached"
-            return None
-        left = time_left(args.deadline)
-        if left < MIN_SECONDS:
-            stopped = "time budget spent"
-            return None
-        cmd = [
-            "--workload", workload, "--cap", cap, "--size", str(size),
-            "--steps", str(args.fresh_steps), "--accum", str(args.fresh_accum),
-            *(["--tiny"] if args.tiny else []),
-        ]  # fmt: skip
-        out = run_worker("benchmarks.fresh_run", cmd, min(args.fresh_timeout, left))
-        record: dict[str, Any] = {"size": size, "rc": out.rc, "process_seconds": out.seconds}
-        if out.result is not None:
-            record.update({k: out.result.get(k) for k in ("seconds", "peak_allocated", "error")})
-        runs.append(record)
-        print(f"  {label(workload, cap)} fresh {size}: rc={out.rc}", file=sys.stderr)
-        if out.rc not in (EXIT_OK, EXIT_OOM):
-            stopped = f"fresh run at {size} did not finish cleanly (rc={out.rc})"
-            return None
-        outcome[size] = out.rc == EXIT_OK
-        return outcome[size]
-
-    lo, hi = 0, None  # lo: largest size known to survive (0: none); hi: smallest that fails
-    for size in sorted(candidates, reverse=True):
-        survived = fresh(size)
-        if survived is None:
-            break
-        if survived:
-            lo = size
-            break
-        hi = size
-    while stopped is None and hi is not None and hi - lo > 1 and (lo > 0 or outcome):
-        mid = (lo + hi) // 2
-        survived = fresh(mid)
-        if survived is None:
-            break
-        lo, hi = (mid, hi) if survived else (lo, mid)
-
-    if not outcome:
-        bound, stable, reference = "unknown", None, None
-    elif hi is None:
-        bound, stable, reference = "at_least", lo, lo
-    elif hi - lo == 1:
-        bound, stable, reference = "exact", lo, lo
-    else:
-        bound, stable, reference = "range", [lo, hi - 1], hi - 1
-
-    def survives(c: int) -> tuple[bool | None, str]:
-        if c in outcome:
-            return outcome[c], "measured"
-        if lo > 0 and c <= lo:
-            return True, "inferred"
-        if hi is not None and c >= hi:
-            return False, "inferred"
-        return None, "unknown"
-
+    bracket = bracket_stable(
+        candidates(tools),
+        lambda size: fresh_run(args, workload, cap, size, args.fresh_steps, runs),
+        upper=get_workload(workload, args.tiny).upper,
+        grow=args.grow,
+        max_runs=args.max_fresh_runs,
+    )
+    choice: dict[str, Any] = {"steps": args.choice_steps, "ran": None}
+    aa = tools.get("autoaccum", {})
+    if aa.get("status") == "ok":
+        size = int(aa["micro_batch"])
+        choice["size"] = size
+        known, _ = bracket.survives(size)
+        if known is False:  # it already failed a shorter run
+            choice.update(ran=False, inferred=True)
+        else:
+            long_runs: list[dict[str, Any]] = []
+            try:
+                choice["ran"] = fresh_run(args, workload, cap, size, args.choice_steps, long_runs)
+            except Stop as why:
+                choice["stopped"] = str(why)
+            choice["runs"] = long_runs
+            if long_runs:
+                choice["steps_done"] = long_runs[-1].get("steps_done")
     return {
         "steps": args.fresh_steps,
-        "candidates": sorted(candidates),
+        "accum": args.fresh_accum,
+        "candidates": sorted(candidates(tools)),
         "runs": runs,
-        "stable_max": stable,
-        "bound": bound,
-        "reference": reference,
-        "stopped": stopped,
+        "bracket": bracket.to_dict(),
         "survives": {
-            t: dict(zip(("ok", "how"), survives(c), strict=True)) for t, c in choices.items()
+            t: dict(zip(("ok", "how"), bracket.survives(int(r["micro_batch"])), strict=True))
+            for t, r in tools.items()
+            if r.get("status") == "ok" and r.get("micro_batch")
         },
+        "choice": choice,
     }
 
 
 def targets_for(tools: dict[str, dict[str, Any]], fresh: dict[str, Any]) -> dict[str, Any]:
     aa = tools.get("autoaccum", {})
-    aa_ok = aa.get("status") == "ok"
-    ref = fresh.get("reference")
-    share = aa["micro_batch"] / ref if aa_ok and ref else None
-    survives = fresh["survives"].get("autoaccum", {}).get("ok") if aa_ok else False
+    if aa.get("status") != "ok":
+        why = not_established(f"autoaccum did not run: {aa.get('reason', aa.get('status'))}")
+        return {k: why.to_dict() for k in ("choice_share", "choice_fresh", "probe_time")}
+    b = fresh["bracket"]
+    share = judge_share(int(aa["micro_batch"]), b["largest_ok"], b["smallest_fail"])
+    choice = fresh["choice"]
+    long = judge_fresh(choice["steps"], choice["ran"], choice.get("steps_done"))
+    if choice.get("inferred"):
+        long = Verdict(MISS, "out of memory (inferred: it failed a shorter fresh run)")
     lb = tools.get("lightning-binsearch", {})
-    speed = None
-    if aa_ok and lb.get("status") == "ok" and lb.get("seconds"):
-        speed = aa["seconds"] / lb["seconds"]
+    ratio = aa["seconds"] / lb["seconds"] if lb.get("status") == "ok" and lb["seconds"] else None
+    why = f"Lightning binsearch result ({lb.get('status', 'not run')}: {lb.get('reason', '')})"
+    speed = judge_at_most(ratio, PROBE_TIME_LIMIT, why)
     return {
-        "choice_share_of_stable": share,
-        "choice_ge_95pct_stable": verdict(
-            None if share is None and aa_ok else (share is not None and share >= CHOICE_FRACTION)
-        ),
-        "choice_survives_fresh": verdict(survives),
-        "probe_time_vs_lightning_binsearch": speed,
-        "probe_le_half_lightning_binsearch": verdict(
-            None if speed is None else speed <= PROBE_TIME_FRACTION
-        ),
+        "choice_share": share.to_dict(),
+        "choice_fresh": long.to_dict(),
+        "probe_time": speed.to_dict(),
     }
-
-
-def overall(settings: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    verdicts = [s["targets"][key] for s in settings]
-    passed = verdicts.count("PASS")
-    judged = passed + verdicts.count("MISS")
-    summary = "N/A" if judged == 0 else ("PASS" if passed == judged else "MISS")
-    return {"verdict": summary, "passed": passed, "judged": judged}
-
-
-def render(data: dict[str, Any]) -> str:
-    n = data["config"]["fresh_steps"]
-    accum = data["config"].get("fresh_accum", 1)
-    n_desc = f"{n} steps × {accum} micro" if accum > 1 else f"{n} steps"
-    rows: list[list[Any]] = []
-    for s in data["workloads"]:
-        for tool, r in s["tools"].items():
-            name = TOOL_NAMES[tool]
-            if r.get("status") != "ok":
-                rows.append(
-                    [s["label"], name, f"{r.get('status')}: {r.get('reason')}", "", "", "", ""]
-                )
-                continue
-            surv = s["fresh"]["survives"].get(tool, {})
-            ok = surv.get("ok")
-            survived = "?" if ok is None else ("yes" if ok else "no")
-            if surv.get("how") == "inferred":
-                survived += " (inferred)"
-            rows.append(
-                [
-                    s["label"],
-                    name,
-                    r["micro_batch"],
-                    r.get("max_batch"),
-                    r["seconds"],
-                    r["trials"],
-                    survived,
-                ]
-            )
-    tools_table = md_table(
-        [
-            "workload",
-            "tool",
-            "micro-batch",
-            "max in-process",
-            "seconds",
-            "trials",
-            f"survives {n_desc} fresh",
-        ],
-        rows,
-    )
-    srows = []
-    for s in data["workloads"]:
-        f, t = s["fresh"], s["targets"]
-        stable = f["stable_max"]
-        if f["bound"] == "at_least":
-            stable = f"≥ {stable}"
-        elif f["bound"] == "range":
-            stable = f"{stable[0]}–{stable[1]}"
-        share = t["choice_share_of_stable"]
-        speed = t["probe_time_vs_lightning_binsearch"]
-        srows.append(
-            [
-                s["label"],
-                stable,
-                len(f["runs"]),
-                "–" if share is None else f"{share:.0%} {t['choice_ge_95pct_stable']}",
-                t["choice_survives_fresh"],
-                "–" if speed is None else f"{speed:.2f}× {t['probe_le_half_lightning_binsearch']}",
-            ]
-        )
-    stable_table = md_table(
-        [
-            "workload",
-            f"stable max ({n_desc} fresh)",
-            "fresh runs",
-            "autoaccum / stable (≥95%)",
-            "survives fresh",
-            "probe time / Lightning binsearch (≤0.5×)",
-        ],
-        srows,
-    )
-    targets = " · ".join(
-        f"{k}: {v['verdict']} ({v['passed']}/{v['judged']})" for k, v in data["targets"].items()
-    )
-    return (
-        f"### bench_probe — {env_line(data['env'])}\n\n{mode_note(data['config']['tiny'])}\n\n"
-        f"{tools_table}\n\n{stable_table}\n\nTargets: {targets}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
     p.add_argument("--tools", type=lambda v: v.split(","), default=list(TOOLS))
-    p.add_argument("--fresh-steps", type=int, default=50, help="steps a fresh run must survive")
-    p.add_argument(
-        "--fresh-accum",
-        type=int,
-        default=2,
-        help="micro-batches per step in a fresh run (the size is used to accumulate)",
-    )
-    p.add_argument("--max-fresh-runs", type=int, default=8, help="fresh runs per workload, at most")
+    p.add_argument("--fresh-steps", type=int, default=50, help="steps a size must train (N)")
+    p.add_argument("--fresh-accum", type=int, default=2, help="micro-batches per fresh step")
+    p.add_argument("--choice-steps", type=int, default=CHOICE_STEPS, help="steps at the choice")
+    p.add_argument("--max-fresh-runs", type=int, default=16, help="bracket runs per setting")
+    p.add_argument("--grow", type=float, default=0.02, help="first step up past the top, ×size")
     p.add_argument("--tool-timeout", type=float, default=300.0, help="seconds per tool process")
-    p.add_argument("--fresh-timeout", type=float, default=300.0, help="seconds per fresh run")
+    p.add_argument("--fresh-timeout", type=float, default=420.0, help="seconds per fresh run")
     args = p.parse_args(argv)
     check_names(args)
     for tool in args.tools:
@@ -320,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = []
     for workload in args.workloads:
         for cap in args.caps:
+            why = unavailable(workload, cap, args.deadline, MIN_SECONDS)
+            if why is not None:
+                settings.append(skipped(workload, cap, why))
+                continue
             tools = run_tools(args, workload, cap)
             fresh = stable_search(args, workload, cap, tools)
             settings.append(
@@ -332,29 +235,25 @@ def main(argv: list[str] | None = None) -> int:
                     "targets": targets_for(tools, fresh),
                 }
             )
+    config = {k: getattr(args, k) for k in ("tiny", "workloads", "caps", "tools", "fresh_steps")}
+    config.update(
+        fresh_accum=args.fresh_accum,
+        choice_steps=args.choice_steps,
+        max_fresh_runs=args.max_fresh_runs,
+        grow=args.grow,
+    )
     data: dict[str, Any] = {
         "bench": "probe",
         "env": env,
-        "config": {
-            "tiny": args.tiny,
-            "workloads": args.workloads,
-            "caps": args.caps,
-            "tools": args.tools,
-            "fresh_steps": args.fresh_steps,
-            "fresh_accum": args.fresh_accum,
-            "max_fresh_runs": args.max_fresh_runs,
-            "steps_per_trial_peers": 3,
-        },
+        "config": config,
         "workloads": settings,
         "seconds": time.perf_counter() - start,
     }
     data["targets"] = {
-        key: overall(settings, key)
-        for key in (
-            "choice_ge_95pct_stable",
-            "choice_survives_fresh",
-            "probe_le_half_lightning_binsearch",
-        )
+        key: overall(
+            Verdict.from_dict(s["targets"][key]) for s in settings if "targets" in s
+        ).to_dict()
+        for key in ("choice_share", "choice_fresh", "probe_time")
     }
     markdown = render(data)
     print(markdown)

@@ -1,11 +1,17 @@
-"""bench_throughput: samples/s at autoaccum's plan against the best of a sweep of sizes.
+"""bench_throughput: samples/s of the plan autoaccum picks, against a sweep of plans above
+and below it, all measured with ``autoaccum.fit`` itself.
 
-For each workload × cap: ``autoaccum.probe`` finds the largest micro-batch, and
-``make_plan(target_batch, probe.max_micro)`` plans the accumulation. Then samples/s is
-measured with the hand-written loop for full optimizer steps of ``target_batch``
-samples at each size of a sweep: the top ``--sweep`` powers of two up to the probe's
-maximum, and the plan's micro-batch. The figure to look at is the plan's samples/s as
-a share of the sweep's best: the largest micro-batch is not always the fastest.
+For each workload × cap: ``autoaccum.probe`` (upper = the target batch) gives the ceiling
+and ``make_plan(target, ceiling)`` the *largest* plan (what ``fit`` trains with today).
+The *chooser* (:func:`autoaccum.probing.choose.choose_fastest`) times one micro-step at
+each of its candidate sizes and one optimizer step, and predicts the fastest plan. Then
+every size of the sweep (:func:`benchmarks.sweep.sweep_sizes`: above the plan up to the
+first size expected to fail, below it down to ⅛) trains ``fit(..., max_micro=size,
+max_steps=warm-up + windows)``; whole windows after the warm-up are timed by CUDA events
+at the optimizer steps (no sync inside a step). A size above the plan is first tried by
+one hand-written window; one that runs out of memory is reported ``oom``, as is one where
+``fit`` had to shrink the micro-batch. The target: the chosen plan's samples/s ≥ 99 % of
+the best point of the sweep.
 
     python -m benchmarks.bench_throughput          # GPU
     python -m benchmarks.bench_throughput --tiny   # CPU smoke mode
@@ -23,66 +29,132 @@ import torch
 
 import autoaccum
 from autoaccum import is_oom, make_plan
+from autoaccum.probing.choose import candidate_sizes, choose_fastest, time_call, time_sizes
 from benchmarks.common import (
     add_common_args,
     apply_cap,
     check_names,
     configure_threads,
     env_info,
-    env_line,
     free,
     label,
-    md_table,
-    mode_note,
     pick_device,
+    skipped,
     sync,
     time_left,
-    write_outputs,
+    unavailable,
 )
-from benchmarks.loops import hand_window
-from benchmarks.workloads import Workload, build, get_workload, slice_batch
-
-PROBE_SAMPLES = 8
-
-
-def sweep_sizes(max_batch: int, plan_micro: int, count: int) -> list[int]:
-    """The top ``count`` powers of two ≤ ``max_batch`` (≥ 2: BatchNorm), plus the plan's size."""
-    powers = [2**k for k in range(1, max_batch.bit_length()) if 2**k <= max_batch][-count:]
-    return sorted({*powers, plan_micro})
+from benchmarks.loops import WindowClock, hand_window
+from benchmarks.sweep import shares, sweep_sizes
+from benchmarks.tables import write_outputs
+from benchmarks.targets import THROUGHPUT_SHARE, Verdict, judge_at_least, overall
+from benchmarks.throughput_render import render
+from benchmarks.workloads import Workload, autocast_for, build, get_workload, slice_batch
 
 
-def samples_per_second(
-    wl: Workload,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    target: int,
-    size: int,
-    windows: int,
-) -> float | None:
-    """Samples/s of full optimizer steps of ``target`` samples at micro-batch ``size``;
-    None when it runs out of memory."""
-    plan = make_plan(target, size)
-    batch = wl.make_batch(plan.micro_sizes[0], device, 1)
-    micro_batches = [slice_batch(batch, 0, n) for n in plan.micro_sizes]
-    precision = wl.precision(device)
-    elapsed: float | None = None
+def fits(wl: Workload, model: Any, optimizer: Any, device: torch.device, size: int) -> bool:
+    """One hand-written window of 2 micro-batches at ``size``: False on out-of-memory."""
+    ok = True
     try:
-        hand_window(model, optimizer, wl.loss_fn, micro_batches, precision, device)  # warm-up
+        stream = wl.stream(size, device, 0)
+        window = [next(stream), next(stream)]
+        hand_window(model, optimizer, wl.loss_fn, window, wl.precision(device), device)
         sync(device)
-        start = time.perf_counter()
-        for _ in range(windows):
-            hand_window(model, optimizer, wl.loss_fn, micro_batches, precision, device)
-        sync(device)
-        elapsed = time.perf_counter() - start
     except Exception as exc:
         if not is_oom(exc):
             raise
+        ok = False
     # Recover outside the except block: its traceback would pin the failed step's tensors.
-    del batch, micro_batches
+    stream = window = None  # type: ignore[assignment]
     optimizer.zero_grad(set_to_none=True)
     free(device)
-    return None if elapsed is None else target * windows / elapsed
+    return ok
+
+
+def fit_rate(
+    wl: Workload,
+    model: Any,
+    optimizer: Any,
+    device: torch.device,
+    target: int,
+    size: int,
+    args: Any,
+) -> dict[str, Any]:
+    """Samples/s of ``fit(max_micro=size)`` over whole windows after the warm-up."""
+    plan = make_plan(target, size, min_micro=wl.min_micro)
+    steps = args.warmup + args.windows
+    if wl.dataset is not None:  # variable length: fit re-batches the loader, padding per micro
+        data: Any = wl.loader(target)
+    else:  # one resident micro-batch, sliced to the plan's sizes (no window-sized copy)
+        pool = wl.make_batch(plan.micro_batch, device, 1)
+        data = [slice_batch(pool, 0, n) for _ in range(steps) for n in plan.micro_sizes]
+    clock = WindowClock(optimizer, device)
+    result = None
+    try:
+        result = autoaccum.fit(
+            model,
+            data,
+            target_batch=target,
+            loss_fn=wl.loss_fn,
+            count_fn=wl.count_fn,
+            optimizer=optimizer,
+            max_steps=steps,
+            precision=wl.precision(device),
+            max_micro=size,
+            device=device,
+            progress=False,
+            report=False,
+        )
+    except Exception as exc:  # an OOM fit could not recover from is this point's result
+        if not is_oom(exc):
+            raise
+    finally:
+        clock.close()
+    row = {"micro_batch": size, "micro_sizes": list(plan.micro_sizes), "status": "ok"}
+    if result is None:
+        row["status"] = "oom (fit raised)"
+        optimizer.zero_grad(set_to_none=True)
+    elif result.oom_retries:
+        row["status"] = f"oom (fit shrank it to {result.plan.micro_batch})"
+    else:
+        seconds = clock.total_seconds(args.warmup)
+        row["samples_per_s"] = target * args.windows / seconds if seconds else None
+    del data
+    free(device)
+    return row
+
+
+def time_candidates(
+    wl: Workload, model: Any, optimizer: Any, device: torch.device, sizes: tuple[int, ...]
+) -> tuple[dict[int, float], float]:
+    """Seconds of one micro-step at each size (gradients accumulating, as in a window) and
+    of one optimizer step: what the chooser needs, measured as the probe will measure it."""
+    pool = wl.make_batch(max(sizes), device, 2)
+    precision = wl.precision(device)
+
+    def micro_step(size: int) -> None:
+        with autocast_for(precision, device):
+            loss = wl.loss_fn(model, slice_batch(pool, 0, size))
+        loss.backward()
+
+    def wait() -> None:
+        sync(device)
+
+    micro = time_sizes(micro_step, sizes, warmup=1, repeats=3, sync=wait)
+    step = time_call(optimizer.step, warmup=1, repeats=3, sync=wait)
+    optimizer.zero_grad(set_to_none=True)
+    return micro, step
+
+
+def choose(
+    wl: Workload, model: Any, optimizer: Any, device: torch.device, target: int, ceiling: int
+) -> dict[str, Any]:
+    """The chooser as the probe will run it: time the candidates, then the pure decision."""
+    sizes = candidate_sizes(target, ceiling, wl.min_micro)
+    micro, step = time_candidates(wl, model, optimizer, device, sizes)
+    free(device)
+    picked = choose_fastest(target, ceiling, micro, step_seconds=step, min_micro=wl.min_micro)
+    return {"micro_seconds": micro, "step_seconds": step, **picked.to_dict()}
 
 
 def measure(args: argparse.Namespace, name: str, cap: str, device: torch.device) -> dict[str, Any]:
@@ -92,114 +164,57 @@ def measure(args: argparse.Namespace, name: str, cap: str, device: torch.device)
     optimizer = wl.make_optimizer(model)
     found = autoaccum.probe(
         model,
-        wl.make_batch(PROBE_SAMPLES, device, 0),
+        wl.probe_batch(device),
         loss_fn=wl.loss_fn,
         optimizer=optimizer,
         upper=min(wl.upper, target),
         precision=wl.precision(device),
         device=device,
     )
-    plan = make_plan(target, found.max_micro)
+    plan = make_plan(target, found.max_micro, min_micro=wl.min_micro)
+    chooser = choose(wl, model, optimizer, device, target, found.max_micro)
+    chosen = chooser["plan"]["micro_batch"]
+    timed = [r["micro_sizes"][0] for r in chooser["rates"]]
+    sizes = sweep_sizes(
+        target, plan.micro_batch, found.largest_pass, extra=[chosen, *timed], min_micro=wl.min_micro
+    )
     rows = []
-    for size in sweep_sizes(found.largest_pass, plan.micro_batch, args.sweep):
+    for size in sizes:
         if time_left(args.deadline) < 5:
-            rows.append(
-                {"micro_batch": size, "samples_per_s": None, "status": "skipped (time budget)"}
-            )
+            rows.append({"micro_batch": size, "status": "skipped (time budget)"})
             continue
-        sps = samples_per_second(wl, model, optimizer, device, target, size, args.windows)
-        accum = make_plan(target, size).accum_iter
-        rows.append(
-            {
-                "micro_batch": size,
-                "accum_iter": accum,
-                "samples_per_s": sps,
-                "status": "ok" if sps is not None else "oom",
-                "is_plan": size == plan.micro_batch,
-            }
-        )
-        print(f"  {label(name, cap)} micro {size}: {sps}", file=sys.stderr)
+        if size > plan.micro_batch and not fits(wl, model, optimizer, device, size):
+            rows.append({"micro_batch": size, "status": "oom"})
+        else:
+            rows.append(fit_rate(wl, model, optimizer, device, target, size, args))
+        rows[-1]["above_plan"] = size > plan.micro_batch
+        print(f"  {label(name, cap)} micro {size}: {rows[-1]}", file=sys.stderr)
     del model, optimizer
     free(device)
-    measured = [r for r in rows if r["samples_per_s"] is not None]
-    best = max(measured, key=lambda r: r["samples_per_s"], default=None)
-    at_plan = next((r["samples_per_s"] for r in rows if r.get("is_plan")), None)
+    measured = shares(rows, plan.micro_batch, chosen)
+    share = measured["chosen_share"]
+    verdict = judge_at_least(share, THROUGHPUT_SHARE, "measured rate at the chosen plan")
     return {
         "workload": name,
         "cap": cap,
         "label": label(name, cap),
         "target_batch": target,
-        "probe": {
-            "max_batch": found.largest_pass,
-            "micro_batch": found.max_micro,
-            "seconds": found.seconds,
-        },
+        "probe": {"largest_pass": found.largest_pass, "max_micro": found.max_micro},
         "plan": plan.to_dict(),
+        "chooser": chooser,
         "sweep": rows,
-        "plan_samples_per_s": at_plan,
-        "best": best,
-        "plan_share_of_best": at_plan / best["samples_per_s"] if at_plan and best else None,
+        "tried_above_plan": [r["micro_batch"] for r in rows if r["above_plan"]],
+        **measured,
+        "targets": {"throughput": verdict.to_dict()},
     }
-
-
-def render(data: dict[str, Any]) -> str:
-    rows = []
-    for s in data["workloads"]:
-        if s.get("status") == "skipped":
-            rows.append([s["label"], f"skipped: {s['reason']}", "", "", "", ""])
-            continue
-        best, share, plan = s["best"], s["plan_share_of_best"], s["plan"]
-        rows.append(
-            [
-                s["label"],
-                s["target_batch"],
-                f"{plan['micro_batch']} × {plan['accum_iter']} (max {s['probe']['max_batch']})",
-                s["plan_samples_per_s"],
-                "–" if best is None else f"{best['samples_per_s']:.1f} at {best['micro_batch']}",
-                "–" if share is None else f"{share:.0%}",
-            ]
-        )
-    table = md_table(
-        [
-            "workload",
-            "target batch",
-            "autoaccum plan",
-            "plan samples/s",
-            "best samples/s",
-            "plan / best",
-        ],
-        rows,
-    )
-    sweep_rows = []
-    for s in data["workloads"]:
-        for r in s.get("sweep", []):
-            sweep_rows.append(
-                [
-                    s["label"],
-                    r["micro_batch"],
-                    r.get("accum_iter"),
-                    r["samples_per_s"],
-                    r["status"],
-                    r.get("is_plan"),
-                ]
-            )
-    sweep = md_table(
-        ["workload", "micro-batch", "accum_iter", "samples/s", "status", "plan"], sweep_rows
-    )
-    return (
-        f"### bench_throughput — {env_line(data['env'])}\n\n{mode_note(data['config']['tiny'])}\n\n"
-        f"{table}\n\nSweep:\n\n{sweep}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
     p.add_argument("--target-batch", type=int, default=None, help="default: per workload")
-    p.add_argument("--sweep", type=int, default=4, help="how many powers of two to sweep")
-    p.add_argument(
-        "--windows", type=int, default=None, help="timed steps per size (default 3; tiny 2)"
-    )
+    p.add_argument("--windows", type=int, default=None, help="timed windows (default 3; tiny 2)")
+    p.add_argument("--warmup", type=int, default=1, help="windows not timed per size")
     args = p.parse_args(argv)
     check_names(args)
     args.windows = args.windows or (2 if args.tiny else 3)
@@ -211,24 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = []
     for name in args.workloads:
         for cap in args.caps:
-            if time_left(args.deadline) < 15:
-                settings.append(
-                    {"label": label(name, cap), "status": "skipped", "reason": "time budget spent"}
-                )
+            why = unavailable(name, cap, args.deadline, 15)
+            if why is not None:
+                settings.append(skipped(name, cap, why))
                 continue
             apply_cap(cap, device)
             settings.append(measure(args, name, cap, device))
+    verdicts = [Verdict.from_dict(s["targets"]["throughput"]) for s in settings if "targets" in s]
+    config = {k: getattr(args, k) for k in ("tiny", "workloads", "caps", "windows", "warmup")}
     data: dict[str, Any] = {
         "bench": "throughput",
         "env": env,
-        "config": {
-            "tiny": args.tiny,
-            "workloads": args.workloads,
-            "caps": args.caps,
-            "sweep": args.sweep,
-            "windows": args.windows,
-        },
+        "config": config,
         "workloads": settings,
+        "targets": {"throughput": overall(verdicts).to_dict()},
         "seconds": time.perf_counter() - start,
     }
     markdown = render(data)

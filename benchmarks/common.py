@@ -1,4 +1,6 @@
-"""What every benchmark shares: devices and caps, timing, worker processes, JSON and tables."""
+"""What every benchmark shares: the environment, devices and caps, arguments, worker processes.
+
+Output (tables, JSON files) is in :mod:`benchmarks.tables`."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -21,8 +22,11 @@ from typing import Any
 
 import torch
 
-from autoaccum.probing.device import cuda_index
-from benchmarks.workloads import CAPS, WORKLOADS
+try:  # the package's one place that resolves a CUDA index (it moved during issue 10's layout)
+    from autoaccum.device import cuda_index
+except ImportError:  # pragma: no cover - the earlier layout
+    from autoaccum.probing.device import cuda_index  # type: ignore[no-redef]
+from benchmarks.workloads import CAPS, WORKLOADS, missing
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "out"
@@ -36,6 +40,7 @@ EXIT_OOM = 3
 PEER_MODULES: dict[str, tuple[str, ...]] = {
     "lightning": ("lightning", "pytorch_lightning"),
     "accelerate": ("accelerate",),
+    "composer": ("composer",),
 }
 
 
@@ -149,8 +154,10 @@ def sync(device: torch.device) -> None:
 
 
 def free(device: torch.device) -> None:
-    gc.collect()
+    """Give the device's cached memory back (CUDA; nothing to do on CPU, where a full
+    garbage collection would only cost time)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
@@ -163,10 +170,6 @@ def reset_peak(device: torch.device) -> None:
 def peak_bytes(device: torch.device) -> int | None:
     """Allocator peak since :func:`reset_peak` on CUDA; None on CPU (not measured there)."""
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def median(xs: Sequence[float]) -> float | None:
-    return statistics.median(xs) if xs else None
 
 
 # --------------------------------------------------------------------------- arguments
@@ -182,7 +185,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, caps: str = "24GiB,uncap
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where JSON and markdown go")
     parser.add_argument(
-        "--workloads", type=csv, default=list(WORKLOADS), help="comma-separated: gpt2,resnet50"
+        "--workloads",
+        type=csv,
+        default=list(WORKLOADS),
+        help="comma-separated, from " + ",".join(WORKLOADS),
     )
     parser.add_argument(
         "--caps", type=csv, default=csv(caps), help="comma-separated: 24GiB,uncapped"
@@ -210,6 +216,25 @@ def time_left(deadline: float | None) -> float:
 
 def label(workload: str, cap: str) -> str:
     return f"{workload}@{cap}"
+
+
+def unavailable(workload: str, cap: str, deadline: float | None, need_s: float) -> str | None:
+    """Why a setting is skipped (a missing package, the time budget), or None to run it."""
+    why = missing(workload)
+    if why is not None:
+        return why
+    return "time budget spent" if time_left(deadline) < need_s else None
+
+
+def skipped(workload: str, cap: str, reason: str) -> dict[str, Any]:
+    """The record of a setting that did not run, with the reason."""
+    return {
+        "workload": workload,
+        "cap": cap,
+        "label": label(workload, cap),
+        "status": "skipped",
+        "reason": reason,
+    }
 
 
 # --------------------------------------------------------------------------- workers
@@ -254,49 +279,3 @@ def run_worker(module: str, args: Sequence[str], timeout: float) -> WorkerOutcom
             result = json.loads(line[len(RESULT_MARKER) :])
             break
     return WorkerOutcome(proc.returncode, result, seconds, proc.stderr[-2000:])
-
-
-# --------------------------------------------------------------------------- output
-
-
-def verdict(ok: bool | None) -> str:
-    return "N/A" if ok is None else ("PASS" if ok else "MISS")
-
-
-def fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def gib(n: int | None) -> str:
-    return "–" if n is None else f"{n / 2**30:.2f} GiB"
-
-
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[fmt(c) for c in row] for row in rows]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)
-
-
-def write_outputs(out: Path, name: str, data: dict[str, Any], markdown: str) -> Path:
-    """``out/name.json`` and ``out/name.md``; returns the JSON path."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown + "\n")
-    return path
-
-
-def mode_note(tiny: bool) -> str:
-    if tiny:
-        return (
-            "CPU tiny mode: tiny models, OOM is fault-injected by a micro-batch budget "
-            "(not a measurement); times are CPU wall-clock."
-        )
-    return "GPU: times CUDA-synchronised; peak memory from torch's allocator."

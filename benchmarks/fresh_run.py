@@ -1,6 +1,9 @@
 """Worker: train ``--steps`` optimizer steps at micro-batch ``--size`` in this fresh process,
 each step accumulating ``--accum`` micro-batches (default 2: how the size is used).
 
+Fixed-shape workloads reuse one resident batch; variable-length ones read the shuffled
+dataset, padded per micro-batch, so a long run meets the long batches a short one misses.
+
 Exit status 0 when every step ran, 3 when it ran out of memory, 1 on any other error;
 the marked JSON line on stdout says the same with timings and peak memory. Used by
 bench_probe to find the *stable maximum*: the largest size that survives a long run
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", choices=list(WORKLOADS), required=True)
     p.add_argument("--cap", choices=list(CAPS), required=True)
     p.add_argument("--size", type=int, required=True)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps it must train")
     p.add_argument(
         "--accum",
         type=int,
@@ -59,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = build(wl, args.cap, device)
         optimizer = wl.make_optimizer(model)
-        # One batch, resident like a loader's current batch; reused for every step.
-        batch = wl.make_batch(args.size, device, 1)
+        stream = wl.stream(args.size, device, 1)
         reset_peak(device)
         for _ in range(args.steps):
-            window = [batch] * args.accum
+            window = [next(stream) for _ in range(args.accum)]
             hand_window(model, optimizer, wl.loss_fn, window, wl.precision(device), device)
+            del window
             done += 1
         sync(device)
     except Exception as exc:

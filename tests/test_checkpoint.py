@@ -23,6 +23,7 @@ from autoaccum.train import checkpoint
 from autoaccum.train.callbacks import Checkpoint
 
 TESTS = Path(__file__).parent
+pytestmark = pytest.mark.xdist_group("checkpoint")  # one worker: the runs fixture is shared
 
 
 def resume_in_a_new_process(out: Path, steps: int, resume: Path) -> dict[str, Any]:

@@ -33,10 +33,11 @@ from reference import (
     windows_of,
 )
 
-pytestmark = pytest.mark.distributed
+# one worker runs the module: its scenarios share launches (a module-scoped fixture)
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
 
 WORKER = Path(__file__).parent / "dist_workers" / "worker.py"
-TIMEOUT = 90.0  # seconds for the whole 2-process run; the collectives time out at 30
+TIMEOUT = 240.0  # seconds for a whole 2-process launch (a suite of scenarios); collectives: 30
 TOL = 1e-10
 _TORCHRUN_VARS = (
     "MASTER_ADDR",
@@ -71,7 +72,7 @@ def launch(scenario: str, tmp_path: Path) -> list[dict[str, Any]]:
     procs, logs = [], []
     for rank in range(WORLD):
         rank_env = dict(env)
-        if scenario.endswith("_env"):
+        if scenario.split("+")[0].endswith("_env"):
             rank_env.update(
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
@@ -115,6 +116,33 @@ def launch(scenario: str, tmp_path: Path) -> list[dict[str, Any]]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+#: Scenarios that share one pair of worker processes (one start, one process group), run in
+#: this order; the env ones let fit create and destroy the group, one after the other.
+SUITES = {
+    "own_group": (
+        "tokens",
+        "comm_hook",
+        "oom_on_rank0",
+        "rank_local",
+        "fsdp2",
+        "oom_recovery",
+        "failures",
+    ),
+    "env": ("samples_env", "plan_error_env", "failure_env"),
+}
+
+
+@pytest.fixture(scope="module")
+def suites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """Every suite's scenarios, launched once for the module: what each rank saved, by name."""
+    outs: dict[str, list[dict[str, Any]]] = {}
+    for suite, names in SUITES.items():
+        ranks = launch("+".join(names), tmp_path_factory.mktemp(suite))
+        for name in names:
+            outs[name] = [rank_out[name] for rank_out in ranks]
+    return outs
+
+
 def assert_exact(outs: list[dict[str, Any]], ref: torch.nn.Module, ref_losses: list[float]) -> None:
     for rank, out in enumerate(outs):
         assert rel_diff(out["params"], ref) < TOL, f"rank {rank} parameters differ"
@@ -123,9 +151,11 @@ def assert_exact(outs: list[dict[str, Any]], ref: torch.nn.Module, ref_losses: l
         assert out["world_size"] == WORLD
 
 
-def test_two_ranks_equal_one_process_full_window_sgd(tmp_path: Path) -> None:
+def test_two_ranks_equal_one_process_full_window_sgd(
+    suites: dict[str, list[dict[str, Any]]],
+) -> None:
     """fit's own init from torchrun's variables; uneven micro sizes and a short last window."""
-    outs = launch("samples_env", tmp_path)
+    outs = suites["samples_env"]
     data = samples(26)
     ref = mlp()
     ref_losses = reference(ref, windows_of(data, 10), ce)
@@ -138,7 +168,9 @@ def test_two_ranks_equal_one_process_full_window_sgd(tmp_path: Path) -> None:
         assert out["group_left_behind"] is False  # fit destroyed the group it created
 
 
-def test_token_weighted_ranks_with_different_token_counts(tmp_path: Path) -> None:
+def test_token_weighted_ranks_with_different_token_counts(
+    suites: dict[str, list[dict[str, Any]]],
+) -> None:
     data = tokens(30)
     ref = token_model()
     ref_losses = reference(ref, windows_of(data, 14), token_ce)
@@ -146,16 +178,18 @@ def test_token_weighted_ranks_with_different_token_counts(tmp_path: Path) -> Non
     # the two ranks carry different numbers of target tokens, so a per-rank mean is wrong.
     targets = (data.tensors[1][:14] != -100).sum(dim=1)
     assert int(targets[0::2].sum()) != int(targets[1::2].sum())
-    outs = launch("tokens", tmp_path)
+    outs = suites["tokens"]
     assert_exact(outs, ref, ref_losses)
     for out in outs:
         assert out["micro_sizes"] == (4, 3)  # 7 per rank; the last window is 1 per rank
         assert out["samples_seen"] == 30
 
 
-def test_gradients_all_reduced_once_per_window_on_the_last_micro_step(tmp_path: Path) -> None:
+def test_gradients_all_reduced_once_per_window_on_the_last_micro_step(
+    suites: dict[str, list[dict[str, Any]]],
+) -> None:
     """A comm hook on a DDP model wrapped by the caller sees one reduction per window."""
-    outs = launch("comm_hook", tmp_path)
+    outs = suites["comm_hook"]
     data = samples(28)
     ref = mlp()
     ref_losses = reference(ref, windows_of(data, 12), ce)
@@ -170,8 +204,8 @@ def test_gradients_all_reduced_once_per_window_on_the_last_micro_step(tmp_path: 
         ]
 
 
-def test_oom_on_one_rank_is_agreed_by_all_ranks(tmp_path: Path) -> None:
-    outs = launch("oom_on_rank0", tmp_path)
+def test_oom_on_one_rank_is_agreed_by_all_ranks(suites: dict[str, list[dict[str, Any]]]) -> None:
+    outs = suites["oom_on_rank0"]
     for key, lower in (("probe", [(1, True)]), ("bn", [])):  # BatchNorm: never below 2
         probes = [out["probe"] if key == "probe" else out["bn"]["probe"] for out in outs]
         sizes = [[(t["size"], t["passed"]) for t in probe["trials"]] for probe in probes]
@@ -190,17 +224,21 @@ def test_oom_on_one_rank_is_agreed_by_all_ranks(tmp_path: Path) -> None:
         assert out["bn"]["optimizer_steps"] == 2
 
 
-def test_target_not_divisible_by_world_size_fails_on_every_rank(tmp_path: Path) -> None:
-    outs = launch("plan_error_env", tmp_path)
+def test_target_not_divisible_by_world_size_fails_on_every_rank(
+    suites: dict[str, list[dict[str, Any]]],
+) -> None:
+    outs = suites["plan_error_env"]
     for out in outs:
         assert "target_batch 15 does not divide evenly among 2 ranks" in out["error"]
         assert "14 or 16" in out["error"]
         assert out["group_left_behind"] is False
 
 
-def test_rank_local_data_stops_when_the_first_rank_runs_out(tmp_path: Path) -> None:
+def test_rank_local_data_stops_when_the_first_rank_runs_out(
+    suites: dict[str, list[dict[str, Any]]],
+) -> None:
     """Lists of batches are rank-local: the ranks agree on every window and on the end."""
-    outs = launch("rank_local", tmp_path)
+    outs = suites["rank_local"]
     mine, theirs = samples(20), samples(14, seed=1)
     # global window k: rank 0's samples 5k..5k+4 and rank 1's; rank 1 runs out after 3
     windows = [
@@ -217,10 +255,10 @@ def test_rank_local_data_stops_when_the_first_rank_runs_out(tmp_path: Path) -> N
 
 
 def test_fsdp2_fully_shard_trains_exactly_with_one_reduce_scatter_per_window(
-    tmp_path: Path,
+    suites: dict[str, list[dict[str, Any]]],
 ) -> None:
     """An already fully_shard-ed model (two FSDP groups), probed, then trained."""
-    outs = launch("fsdp2", tmp_path)
+    outs = suites["fsdp2"]
     data = samples(26)
     ref = mlp()
     ref_losses = reference(ref, windows_of(data, 10), ce)
@@ -247,14 +285,14 @@ def test_fsdp2_fully_shard_trains_exactly_with_one_reduce_scatter_per_window(
 
 
 def test_an_oom_on_one_rank_or_both_is_rerun_smaller_on_every_rank_exactly(
-    tmp_path: Path,
+    suites: dict[str, list[dict[str, Any]]],
 ) -> None:
     """At a forward, in the last micro-step's backward, on both ranks at once, twice in one
     window: the window is dropped on every rank and re-run smaller; every sample counts
     once (the float64 parameters land on full-window SGD's), and nothing hangs."""
     from dist_workers.worker import OOM_CASES
 
-    outs = launch("oom_recovery", tmp_path)
+    outs = suites["oom_recovery"]
     data = samples(48)
     ref = mlp()
     ref_losses = reference(ref, windows_of(data, 16), ce)
@@ -270,9 +308,9 @@ def test_an_oom_on_one_rank_or_both_is_rerun_smaller_on_every_rank_exactly(
 
 
 def test_a_failure_one_rank_cannot_recover_stops_every_rank_without_waiting(
-    tmp_path: Path,
+    suites: dict[str, list[dict[str, Any]]],
 ) -> None:
-    outs = launch("failures", tmp_path)
+    outs = suites["failures"]
     kind0, message0, seconds0 = outs[0]["optimizer"]
     kind1, _, seconds1 = outs[1]["optimizer"]
     assert kind1 == "OutOfMemoryError"  # the failing rank raises its own error
@@ -286,10 +324,12 @@ def test_a_failure_one_rank_cannot_recover_stops_every_rank_without_waiting(
     assert max(out["loss_fn"][2] for out in outs) < 15
 
 
-def test_without_a_supervisor_one_ranks_error_ends_every_rank(tmp_path: Path) -> None:
+def test_without_a_supervisor_one_ranks_error_ends_every_rank(
+    suites: dict[str, list[dict[str, Any]]],
+) -> None:
     """fit made the group from torchrun's variables, nothing kills the healthy rank: it must
     stop by itself, promptly, and both ranks leave no group behind."""
-    outs = launch("failure_env", tmp_path)
+    outs = suites["failure_env"]
     assert [out["error"][0] for out in outs] == ["DistributedError", "RuntimeError"]
     assert all(out["error"][2] < 15 for out in outs)
     assert not any(out["group_left_behind"] for out in outs)

@@ -300,3 +300,19 @@ def test_probe_takes_the_defaults_of_fit() -> None:
 def test_bad_arguments_are_config_errors(model: Any, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         autoaccum.probe(model, data(), upper=8, **kwargs)
+
+
+def test_choose_fastest_times_the_candidates_and_says_why() -> None:
+    """Where it is asked for (and by default on a GPU), the plan with the most samples/s
+    under the ceiling is chosen from timings of the candidate sizes, with the reason."""
+    model, opt = trained(limit=100)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64, choose="fastest")
+    plan = autoaccum.make_plan(64, result.max_micro, min_micro=2)
+    assert result.max_micro == plan.micro_batch  # one of the plans' own sizes
+    assert result.choice.startswith(f"chose {plan.describe().split(' = ')[1].split(' (')[0]}")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no trace
+    largest = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64)
+    assert (largest.max_micro, largest.choice) == (64, "")  # the CPU's auto: the largest
+    with pytest.raises(ConfigError, match="choose must be one of"):
+        autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64, choose="quick")

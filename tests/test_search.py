@@ -50,7 +50,7 @@ def test_exact_sequence_of_sizes(limit: int, upper: int, lower: int, sequence: l
     assert [t.passed for t in result.trials] == [s <= limit for s in sequence]
 
 
-@settings(max_examples=25, deadline=None)  # every failed trial runs a full gc.collect()
+@settings(max_examples=40, deadline=None)
 @given(limit=st.integers(1, 3000), upper=st.integers(1, 3000), lower=st.integers(1, 64))
 def test_finds_exact_largest_within_bound(limit: int, upper: int, lower: int) -> None:
     if upper < lower:

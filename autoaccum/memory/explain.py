@@ -59,7 +59,9 @@ def _capacity(
 def _reasons(probe: ProbeResult | None, plan: Plan, line: PeakLine | None) -> list[str]:
     reasons = []
     if probe is not None:
-        if probe.max_micro < probe.largest_pass:
+        if probe.choice:
+            margin = f"under a {probe.margin:.0%} margin, the fastest plan's micro-batch"
+        elif probe.max_micro < probe.largest_pass:
             margin = f"less a {probe.margin:.0%} margin"
         else:
             margin = "no margin taken"
@@ -69,6 +71,8 @@ def _reasons(probe: ProbeResult | None, plan: Plan, line: PeakLine | None) -> li
             f"{probe.limited_by}); {margin} → max_micro {probe.max_micro}"
         )
         reasons.extend(probe.notes)
+        if probe.choice:
+            reasons.append(probe.choice)
     else:
         reasons.append(f"max_micro {plan.max_micro} given by the user: no probe ran")
     reasons.append(

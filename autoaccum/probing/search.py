@@ -171,8 +171,8 @@ def search_max_batch(
         if cleanup is not None:
             cleanup()
         if meter is None:
-            if not passed:
-                free_memory(dev)
+            if not passed:  # a cycle may hold the failed trial's tensors; on the host's RAM
+                free_memory(dev, collect=dev.type != "cpu")  # the next collection frees them
         else:
             # A failed trial's frames are gone by reference counting unless a cycle holds
             # them: pay for a full collection only when memory says something is held.

@@ -11,6 +11,7 @@ and cached device memory is returned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
@@ -22,6 +23,7 @@ from autoaccum.device import check_device
 from autoaccum.distributed import drop_unsynced_grads, fill_sharded_grads, gradient_sync
 from autoaccum.errors import BatchError, ConfigError, check_callable, check_count
 from autoaccum.memory.footprint import footprint
+from autoaccum.probing.fastest import check_choose, time_and_choose
 from autoaccum.probing.host import SavedBytes, host_available, host_ceiling
 from autoaccum.probing.meter import Meter, meter_for
 from autoaccum.probing.oom import free_memory
@@ -57,6 +59,8 @@ def probe(
     steps: int = 2,
     agree: Agree | None = None,
     meter: Meter | None = None,
+    choose: str = "largest",
+    slowest: Callable[[float], float] | None = None,
 ) -> ProbeResult:
     """The largest micro-batch in ``[lower, upper]`` that trains on ``model``'s device.
 
@@ -69,11 +73,18 @@ def probe(
     below 2 samples. ``meter`` reads the device's memory (default:
     :func:`~autoaccum.probing.meter.meter_for`: the CUDA allocator on a CUDA device, an
     emulated device's own meter, nothing elsewhere).
+
+    ``choose`` picks the micro-batch under that ceiling: ``"largest"``, or ``"fastest"``
+    (the few candidate sizes are timed, and the plan with the most samples/s wins, the
+    smaller size within 1 %; see :mod:`~autoaccum.probing.choose`); ``"auto"`` is fastest
+    where memory is measured on a GPU, largest elsewhere (and on several ranks, whose ceilings
+    agree only after the probe). ``slowest`` makes timings agree (their maximum).
     """
     check_count("upper", upper)
     check_count("lower", lower)
     check_count("steps", steps)
     check_margin(margin)  # before any work
+    choose = check_choose(choose)
     check_model(model)
     optimizer = check_model_optimizer(
         model, optimizer if optimizer is not None else default_optimizer(model)
@@ -128,6 +139,7 @@ def probe(
         model.zero_grad(set_to_none=True)
         drop_unsynced_grads(model)  # FSDP2 keeps no-sync gradients out of zero_grad's reach
 
+    chosen = ""
     saved = snapshot(model, optimizer)
     try:
         with optimizer_hooks_off(optimizer):
@@ -143,15 +155,42 @@ def probe(
             )
         # measured while the trials' optimizer state still exists: what training will hold
         fixed = footprint(model, optimizer)
+        ceiling = apply_margin(
+            found.largest_pass,
+            margin=margin,
+            hit_limit=found.hit_limit,
+            lower=lower,
+            top=TopReading.of(found.trials, found.largest_pass, found.limit_bytes),
+        )
+        measured_gpu = meter is not None and dev.type == "cuda"
+        wanted = choose == "fastest" or (choose == "auto" and measured_gpu)
+        if wanted and agree is not None:  # ranks' ceilings differ until agreed: time alone
+            host.append("choose='fastest' times one process; with several ranks the largest plan")
+        elif wanted:
+
+            def micro_step(size: int) -> None:
+                micro = to_device(resize_batch(batch, size), dev)
+                with gradient_sync(model, enabled=False), autocast(prec, dev):
+                    loss = loss_fn(model, micro)
+                loss.backward()  # type: ignore[no-untyped-call]
+
+            choice = time_and_choose(
+                per_rank=upper,
+                ceiling=ceiling,
+                min_micro=smallest,
+                micro_step=micro_step,
+                optimizer_step=optimizer.step,
+                cleanup=cleanup,
+                sync=lambda: torch.cuda.synchronize(dev) if dev.type == "cuda" else None,
+                slowest=slowest if slowest is not None else (lambda s: s),
+                device=dev,
+            )
+            if choice is not None:
+                ceiling, chosen = choice.plan.micro_batch, choice.reason
     finally:
         restore(model, optimizer, saved)
         del saved
         free_memory(dev)
-    ceiling = apply_margin(
-        found.largest_pass,
-        margin=margin,
-        hit_limit=found.hit_limit,
-        lower=lower,
-        top=TopReading.of(found.trials, found.largest_pass, found.limit_bytes),
+    return replace(
+        found, max_micro=ceiling, margin=margin, fixed_bytes=fixed, notes=tuple(host), choice=chosen
     )
-    return replace(found, max_micro=ceiling, margin=margin, fixed_bytes=fixed, notes=tuple(host))

@@ -134,7 +134,9 @@ def probe_table(probe: ProbeResult) -> Table:
 
 def probe_renderable(probe: ProbeResult) -> RenderableType:
     """The trial table, then what the search concluded."""
-    if probe.max_micro < probe.largest_pass:
+    if probe.choice:
+        margin = "the fastest plan's, under the margin"
+    elif probe.max_micro < probe.largest_pass:
         margin = f"less a {probe.margin:.0%} margin"
     elif probe.margin and not probe.hit_limit:
         margin = "no margin: nothing ran out of memory"
@@ -146,7 +148,9 @@ def probe_renderable(probe: ProbeResult) -> RenderableType:
         f"largest that passed: {probe.largest_pass}; max_micro {probe.max_micro} ({margin}); "
         f"limited by {probe.limited_by}; {len(probe.trials)} trials in {probe.seconds:.2f} s"
     )
-    lines = [Text(summary), *(Text(note) for note in probe.notes)]
+    on = [f"probed on {probe.probed_on}"] if probe.probed_on else []
+    choice = [probe.choice] if probe.choice else []
+    lines = [Text(line) for line in (*on, summary, *probe.notes, *choice)]
     return Group(probe_table(probe), *lines, Text(UNITS, style="dim"))
 
 

@@ -30,6 +30,7 @@ from autoaccum.errors import (
     check_positive,
 )
 from autoaccum.plan import Plan, make_plan
+from autoaccum.probing.fastest import check_choose
 from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.probing.state import preserved_rng
 from autoaccum.probing.trials import probe
@@ -100,6 +101,7 @@ class Accumulator(Stepping):
         sync: str = "auto",
         timeout: datetime.timedelta | None = None,
         size_fn: SizeFn | None = None,
+        choose: str = "auto",
     ) -> None:
         self.module = check_model(model)
         self.target_batch = check_count("target_batch", target_batch)
@@ -120,6 +122,7 @@ class Accumulator(Stepping):
         self.prefetch = prefetch
         self.model = D.wrap_model(model, self.dist, self.device)
         self.sync = resolve_sync(sync, self.model, self.dist)
+        self.choose = check_choose(choose)
         self.size_fn = (
             check_callable("size_fn", size_fn, "size_fn(sample) -> int") if size_fn else None
         )
@@ -175,6 +178,8 @@ class Accumulator(Stepping):
                 margin=self.margin,
                 device=self.device,
                 agree=agree if info.active and info.world_size > 1 else None,
+                choose=self.choose,
+                slowest=lambda seconds: D.all_reduce_max(seconds, info),
             )
         self.probe_result = dataclasses.replace(found, probed_on=probed_on)
         return self.replan(int(D.all_reduce_min(float(found.max_micro), info)))

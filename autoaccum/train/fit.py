@@ -58,6 +58,7 @@ def fit(
     callbacks: Sequence[Any] = (),
     resume: str | os.PathLike[str] | None = None,
     size_fn: Callable[[Any], int] | None = None,
+    choose: str = "auto",
 ) -> FitResult:
     """Train ``model`` on ``loader`` with ``target_batch`` samples per optimizer step.
 
@@ -65,7 +66,9 @@ def fit(
     dataset where it can be scanned (weighed by ``size_fn(sample)``, by default its tensors'
     elements), else the first window's (skipped when ``max_micro`` is given); the
     accumulation is planned so that micro-batches × ``accum_iter`` × ranks equal
-    ``target_batch`` exactly, and every optimizer step applies
+    ``target_batch`` exactly (``choose="fastest"``: the plan with the most samples/s under
+    that ceiling, timed; ``"largest"``; ``"auto"``: fastest on a GPU), and every optimizer
+    step applies
     exactly the gradient of one big batch of the same samples — also for uneven micro
     sizes, token-level losses (``count_fn``) and the short last window of an epoch.
 
@@ -122,6 +125,7 @@ def fit(
             sync=sync,
             timeout=limit,
             size_fn=size_fn,
+            choose=choose,
         )
         bar = _progress_bar(progress and info.is_main, loader, acc, epochs, max_steps)
         run = Run(acc, loader, epochs=epochs, max_steps=max_steps, callbacks=[*callbacks, bar])

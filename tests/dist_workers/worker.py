@@ -378,7 +378,7 @@ def main() -> None:
     scenario, rank, port, outdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     OUT = outdir
     torch.set_num_threads(1)
-    own_group = not scenario.endswith("_env")
+    own_group = not scenario.split("+")[0].endswith("_env")
     if own_group:
         dist.init_process_group(
             "gloo",
@@ -388,7 +388,10 @@ def main() -> None:
             timeout=TIMEOUT,
         )
     try:
-        out = SCENARIOS[scenario](rank)
+        names = scenario.split("+")  # several scenarios, one after the other
+        out = (
+            SCENARIOS[names[0]](rank) if len(names) == 1 else {n: SCENARIOS[n](rank) for n in names}
+        )
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -41,10 +41,10 @@ from autoaccum.train.data.heaviest import SizeFn, heaviest
 from autoaccum.train.data.order import DrawState, fork_base_seed, rank_sampler
 from autoaccum.train.data.window import Window, too_small
 
-__all__ = ["LoaderWindows"]
+__all__ = ["LOADER_SETTINGS", "LoaderWindows"]
 
 # DataLoader settings carried over to the re-batching loader, when this torch has them.
-_LOADER_SETTINGS = (
+LOADER_SETTINGS = (
     "num_workers",
     "collate_fn",
     "pin_memory",
@@ -271,7 +271,7 @@ class LoaderWindows:
             accepted = inspect.signature(DataLoader.__init__).parameters
             settings = {
                 name: getattr(loader, name)
-                for name in _LOADER_SETTINGS
+                for name in LOADER_SETTINGS
                 if name in accepted and hasattr(loader, name)
             }
             settings["collate_fn"] = self._collate_fn

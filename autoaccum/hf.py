@@ -1,0 +1,259 @@
+"""Hugging Face Transformers: Trainer arguments whose effective batch is what you asked for.
+
+The Trainer's ``auto_find_batch_size`` halves the batch on out-of-memory and keeps
+``gradient_accumulation_steps``, so the effective batch shrinks silently.
+:func:`plan_trainer_args` probes the micro-batch once, with the model's own loss on a real
+batch collated as the Trainer will collate it, and returns a copy of ``args`` in which
+``per_device_train_batch_size × gradient_accumulation_steps × world_size == target_batch``.
+The Trainer's DataLoader has one batch size, so the micro-batch is the largest divisor of the
+per-device share under the probed ceiling.
+
+How the Trainer weights micro-batches: a model whose forward takes loss keyword arguments
+gets ``num_items_in_batch``, the label count of the whole window (all ranks with
+``average_tokens_across_devices``), and the step is the exact item-weighted mean. A causal LM
+whose ``loss_type`` is unset (GPT-2, for one) has its labels counted unshifted, one too many
+per row, which scales every step down (about 3% for 30-token rows):
+:func:`count_shifted_labels` fixes that. Other models get the mean of the per-micro-batch
+means, exact only for a sample-mean loss over equal micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import itertools
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoaccum import distributed as D
+from autoaccum.errors import ConfigError, MissingExtraError, check_count
+from autoaccum.plan import compare_with_fit, equal_plan, make_plan
+from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
+from autoaccum.probing.state import preserved_rng
+from autoaccum.probing.trials import probe
+from autoaccum.train.losses import default_loss
+from autoaccum.train.model import min_micro, model_device
+
+try:
+    from transformers import (
+        DataCollatorWithPadding,
+        PreTrainedTokenizerBase,
+        SequenceFeatureExtractor,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.utils.generic import find_labels
+except ImportError as exc:
+    raise MissingExtraError("hf", "transformers", "autoaccum.hf") from exc
+
+__all__ = ["count_shifted_labels", "plan_trainer_args"]
+
+log = logging.getLogger(__name__)
+
+#: the probe batch is the longest samples among this many of the dataset's first
+SCAN = 1024
+
+
+def count_shifted_labels(model: nn.Module) -> bool:
+    """Make the Trainer count a causal LM's labels as its loss uses them: shifted by one.
+
+    The Trainer divides the window's summed loss by ``num_items_in_batch``, and counts
+    ``labels[..., 1:]`` only when the model's ``loss_type`` maps to the causal-LM loss. For
+    a causal LM whose ``loss_type`` is unset (its class name names no loss), the model
+    already falls back to that loss; setting ``loss_type = "ForCausalLM"`` changes nothing
+    in the model and makes the count right. Returns whether it set it. Call it before the
+    Trainer is built (the Trainer reads it once).
+    """
+    inner = _inner(model)
+    config = getattr(inner, "config", None)
+    if (
+        getattr(inner, "loss_type", "") is not None  # set already, or not a PreTrainedModel
+        or hasattr(inner, "_loss_function")  # a loss of the user's own
+        or getattr(config, "is_encoder_decoder", False)  # labels are not shifted there
+        or type(inner).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    ):
+        return False
+    inner.loss_type = "ForCausalLM"  # type: ignore[assignment]
+    return True
+
+
+def plan_trainer_args(
+    model: nn.Module,
+    train_dataset: Any,
+    args: TrainingArguments,
+    target_batch: int,
+    data_collator: Callable[[list[Any]], Any] | None = None,
+    *,
+    processing_class: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    max_micro: int | None = None,
+    margin: float = DEFAULT_MARGIN,
+    exact_count: bool = True,
+) -> TrainingArguments:
+    """A copy of ``args`` whose effective batch is exactly ``target_batch`` (global).
+
+    The probe runs ``model(**batch).loss`` on the longest samples among the dataset's first
+    1024, collated by ``data_collator`` (default: the Trainer's, from ``processing_class``),
+    unused columns removed as the Trainer removes them, with an optimizer like the Trainer's
+    (or ``optimizer``), under ``args``' precision and gradient checkpointing, on
+    ``args.device`` (the model is moved there, as the Trainer would move it). Ranks agree.
+    ``max_micro`` skips the probe. With ``exact_count`` a causal LM gets
+    :func:`count_shifted_labels`. ``auto_find_batch_size`` is turned off in the copy.
+    """
+    check_count("target_batch", target_batch)
+    world = args.world_size
+    make_plan(target_batch, target_batch, world)  # divisible among the ranks? before any work
+    check_margin(margin)
+    if exact_count and count_shifted_labels(model):
+        log.info("autoaccum.hf: set %s.loss_type = 'ForCausalLM'", type(model).__name__)
+    ceiling = max_micro
+    if ceiling is None:
+        collator = data_collator or _default_collator(processing_class)
+        batch = _probe_batch(model, train_dataset, args, collator, target_batch // world)
+        ceiling = _probe(model, batch, args, optimizer, target_batch // world, margin)
+    plan = equal_plan(target_batch, check_count("max_micro", ceiling), world, min_micro(model))
+    changes: dict[str, Any] = {
+        "per_device_train_batch_size": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accum_iter,
+        "auto_find_batch_size": False,  # it would halve the micro-batch and keep accumulation
+    }
+    if world > 1 and _accepts_loss_kwargs(model):
+        changes["average_tokens_across_devices"] = True  # count the window's items on all ranks
+    out = dataclasses.replace(args, **changes)
+    log.info(
+        "autoaccum.hf: target_batch %d = %d × %d (gradient_accumulation_steps) × %d device(s); %s",
+        target_batch,
+        plan.micro_batch,
+        plan.accum_iter,
+        world,
+        compare_with_fit(plan, "the Trainer"),
+    )
+    _warn_weighting(model, train_dataset, plan.micro_batch, world, out)
+    return out
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The model the Trainer inspects: a PEFT model's base model, else the model itself."""
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model  # type: ignore[no-any-return]
+
+
+def _default_collator(processing_class: Any) -> Callable[[list[Any]], Any]:
+    """The collator the Trainer picks when given none."""
+    if isinstance(processing_class, (PreTrainedTokenizerBase, SequenceFeatureExtractor)):
+        return DataCollatorWithPadding(processing_class)  # type: ignore[arg-type,no-any-return]
+    return default_data_collator  # type: ignore[no-any-return]
+
+
+def _accepts_loss_kwargs(model: nn.Module) -> bool:
+    """Whether the Trainer passes ``num_items_in_batch`` to this model (as it decides it)."""
+    inner = _inner(model)
+    if hasattr(inner, "accepts_loss_kwargs"):
+        return bool(inner.accepts_loss_kwargs)
+    params = inspect.signature(inner.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _length(sample: Any) -> int:
+    """How long a sample is: its longest sequence (what a padding collator pads to)."""
+    values = sample.values() if isinstance(sample, Mapping) else [sample]
+    sizes = [len(v) for v in values if isinstance(v, (list, tuple))]
+    sizes += [v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return max(sizes, default=0)
+
+
+def _probe_batch(
+    model: nn.Module,
+    dataset: Any,
+    args: TrainingArguments,
+    collator: Callable[[list[Any]], Any],
+    count: int,
+) -> Any:
+    """The ``count`` longest of the first samples, collated as the Trainer collates them."""
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        samples: Iterable[Any] = (dataset[i] for i in range(min(len(dataset), SCAN)))
+    else:
+        samples = itertools.islice(iter(dataset), SCAN)
+    with preserved_rng():  # a dataset or collator that draws random numbers draws them again
+        first = list(samples)
+        if not first:
+            raise ConfigError("train_dataset is empty: the probe needs real samples")
+        chosen = sorted(first, key=_length, reverse=True)[:count]
+        if args.remove_unused_columns and isinstance(chosen[0], Mapping):
+            inner = _inner(model)
+            keep = set(inspect.signature(inner.forward).parameters) | {"label", "label_ids"}
+            keep |= set(args.label_names or find_labels(type(inner)))  # type: ignore[no-untyped-call]
+            chosen = [{k: v for k, v in s.items() if k in keep} for s in chosen]
+        return collator(chosen)
+
+
+def _probe(
+    model: nn.Module,
+    batch: Any,
+    args: TrainingArguments,
+    optimizer: torch.optim.Optimizer | None,
+    share: int,
+    margin: float,
+) -> int:
+    """The micro-batch ceiling, agreed by all ranks."""
+    device = args.device
+    if model_device(model) != device:
+        model.to(device)
+    if optimizer is None:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)  # type: ignore[arg-type]
+        optimizer = cls([p for p in model.parameters() if p.requires_grad], **kwargs)
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    checkpointing = bool(getattr(model, "is_gradient_checkpointing", True))
+    if args.gradient_checkpointing and not checkpointing:
+        model.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)  # type: ignore[operator]
+    info = D.current()
+
+    def agree(failed: bool) -> bool:
+        return D.all_reduce_max(float(failed), info) > 0
+
+    try:
+        found = probe(
+            model,
+            batch,
+            loss_fn=default_loss,  # model(**batch).loss
+            optimizer=optimizer,
+            upper=share,
+            precision=precision,
+            margin=margin,
+            device=device,
+            agree=agree if info.active and info.world_size > 1 else None,
+        )
+    finally:
+        if args.gradient_checkpointing and not checkpointing:
+            model.gradient_checkpointing_disable()  # type: ignore[operator]
+    return int(D.all_reduce_min(float(found.max_micro), info))
+
+
+def _warn_weighting(
+    model: nn.Module, dataset: Any, micro: int, world: int, args: TrainingArguments
+) -> None:
+    """Say where the Trainer's weighting of micro-batches is not the full window's mean."""
+    if _accepts_loss_kwargs(model):
+        return  # num_items_in_batch: every window weighted by its own items
+    # one process: the last batch is short; several: Accelerate fills it from the start
+    short = len(dataset) % micro if world == 1 and hasattr(dataset, "__len__") else 0
+    tail = (
+        f" The last micro-batch of an epoch holds {short} samples and is weighted "
+        "like a full one; pass dataloader_drop_last=True to drop it."
+        if short and not args.dataloader_drop_last
+        else ""
+    )
+    warnings.warn(
+        f"{type(model).__name__}.forward takes no loss keyword arguments, so the Trainer "
+        "divides each micro-batch's mean loss by gradient_accumulation_steps: exact for a "
+        "sample-mean loss over equal micro-batches, per micro-batch (not per token) for "
+        f"token-level losses.{tail}",
+        stacklevel=3,
+    )
