@@ -507,3 +507,22 @@ def test_run_all_tiny_writes_the_summary_with_every_target(tmp_path: Path) -> No
     assert summary in out.getvalue()
     runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
     assert [(r["bench"], r["rc"]) for r in runs] == [("overhead", 0)]
+
+
+@pytest.mark.slow
+def test_bench_sync_runs_both_reductions_on_two_gloo_ranks(tmp_path: Path) -> None:
+    """Deferred and overlapped gradient sync, timed on 2 CPU processes (a smoke run)."""
+    from benchmarks import bench_sync
+
+    out = tmp_path / "sync.json"
+    assert (
+        bench_sync.main(
+            ["--world", "2", "--width", "32", "--target", "8", "--steps", "2", "--out", str(out)]
+        )
+        == 0
+    )
+    record = json.loads(out.read_text())
+    assert set(record["seconds_per_window"]) == {"overlap", "deferred"}
+    assert record["deferred_over_overlap"] == pytest.approx(
+        record["seconds_per_window"]["deferred"] / record["seconds_per_window"]["overlap"]
+    )

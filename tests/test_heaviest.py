@@ -69,7 +69,7 @@ def test_the_heaviest_samples_are_found_and_said() -> None:
     found = heaviest(Lengths(LENGTHS), range(48), 5)
     assert set(found.indices) <= set(range(40, 48))
     assert found.weights == (30,) * 5
-    assert found.describe() == "the 5 heaviest of 48 samples, 30 each elements"
+    assert found.describe() == "the 5 heaviest of 48 samples, 30 elements each"
     sampled = heaviest(Lengths(LENGTHS), range(48), 5, max_scan=10)
     assert sampled.scanned == 10
     assert "a seeded random 10 of them weighed" in sampled.describe()

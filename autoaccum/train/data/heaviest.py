@@ -64,18 +64,18 @@ class Heaviest:
     total: int
 
     def describe(self) -> str:
-        """E.g. "the 86 heaviest of 12 000 samples (by size_fn; 1 024 to 980 each)"."""
+        """E.g. "the 86 heaviest of 12 000 samples, 1024 down to 980 elements"."""
         if not self.indices:
             return "no sample"
         scope = f"{self.total:,}".replace(",", " ") + " samples"
         if self.scanned < self.total:
             scope += f" (a seeded random {self.scanned:,} of them weighed)".replace(",", " ")
         spread = (
-            f"{self.weights[0]} each"
+            f"{self.weights[0]} elements each"
             if self.weights[0] == self.weights[-1]
-            else f"{self.weights[0]} down to {self.weights[-1]}"
+            else f"{self.weights[0]} down to {self.weights[-1]} elements"
         )
-        return f"the {len(self.indices)} heaviest of {scope}, {spread} elements"
+        return f"the {len(self.indices)} heaviest of {scope}, {spread}"
 
 
 def heaviest(
