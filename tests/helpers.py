@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 import torch
 from torch import nn
 
@@ -43,3 +46,13 @@ def bn_net(limit: int = 10**9, *, dtype: torch.dtype = torch.float32) -> nn.Sequ
 def mlp(limit: int = 10**9, *, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), OOMAbove(limit), nn.Linear(8, 3)).to(dtype)
+
+
+def hide_package(monkeypatch: pytest.MonkeyPatch, package: str, *importers: str) -> None:
+    """Make ``package`` (and its submodules) unimportable for the test, and forget the
+    modules in ``importers`` so that importing them again meets the missing package."""
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, package, None)
+    for name in importers:
+        monkeypatch.delitem(sys.modules, name, raising=False)

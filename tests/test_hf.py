@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 import tokenizers
 import torch
 import transformers
-from helpers import OOMAbove, mlp
+from helpers import OOMAbove, hide_package, mlp
 from reference import LR, TOL, samples
 from torch import nn
 from torch.nn import functional as F
@@ -252,9 +251,6 @@ def test_a_target_that_does_not_divide_among_ranks_is_refused_first(
 def test_without_transformers_the_error_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setitem(sys.modules, "transformers", None)
-    monkeypatch.delitem(sys.modules, "autoaccum.hf")
+    hide_package(monkeypatch, "transformers", "autoaccum.hf")
     with pytest.raises(MissingExtraError, match=r"pip install 'autoaccum\[hf\]'"):
         importlib.import_module("autoaccum.hf")

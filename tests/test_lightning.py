@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import OOMAbove, bn_net, mlp
+from helpers import OOMAbove, bn_net, hide_package, mlp
 from lightning_ddp_worker import RANK1_LIMIT, SAMPLES, TARGET, Net, Record, trainer
 from reference import LR, ce, reference, rel_diff, samples, token_ce, token_model, tokens
 from reference import windows_of as windows
@@ -295,9 +295,6 @@ def test_import_autoaccum_imports_neither_integration() -> None:
 
 
 def test_without_lightning_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [m for m in sys.modules if m == "lightning" or m.startswith("lightning.")]:
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setitem(sys.modules, "lightning", None)
-    monkeypatch.delitem(sys.modules, "autoaccum.lightning")
+    hide_package(monkeypatch, "lightning", "autoaccum.lightning")
     with pytest.raises(MissingExtraError, match=r"pip install 'autoaccum\[lightning\]'"):
         importlib.import_module("autoaccum.lightning")

@@ -26,7 +26,7 @@ from autoaccum.errors import check_count
 from autoaccum.plan import Plan
 from autoaccum.results import Resize
 
-__all__ = ["Callback", "Checkpoint", "Evaluate", "JsonLog", "RunView", "StepState"]
+__all__ = ["Callback", "Checkpoint", "Evaluate", "Every", "JsonLog", "RunView", "StepState"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,31 @@ class Callback:
         """Once, after the last step."""
 
 
-class Evaluate(Callback):
+class Every(Callback):
+    """Acts every ``every`` steps and once more at the end of training (unless the last
+    step just did): subclasses define :meth:`act`."""
+
+    def __init__(self, every: int) -> None:
+        self.every = check_count("every", every)
+        self._last = -1
+
+    def act(self, run: RunView, step: int) -> None:
+        raise NotImplementedError
+
+    def on_step(self, run: RunView) -> None:
+        step = run.state().step
+        if step % self.every == 0:
+            self.act(run, step)
+            self._last = step
+
+    def on_train_end(self, run: RunView) -> None:
+        step = run.state().step
+        if step != self._last:
+            self.act(run, step)
+            self._last = step
+
+
+class Evaluate(Every):
     """Every ``every`` steps (and at the end of training), the item-weighted mean loss on
     ``data`` without gradients, with the model in eval mode and a micro-batch of its own
     (``max_micro``, or probed: an evaluation forward holds no activations for backward, so it
@@ -84,25 +108,13 @@ class Evaluate(Callback):
     ``{"step": …, "eval_loss": …}`` and to the log."""
 
     def __init__(self, data: Iterable[Any], *, every: int, max_micro: int | None = None) -> None:
+        super().__init__(every)
         self.data = data
-        self.every = check_count("every", every)
         self.max_micro = check_count("max_micro", max_micro) if max_micro is not None else None
-        self._last = -1
 
-    def on_step(self, run: RunView) -> None:
-        state = run.state()
-        if state.step % self.every == 0:
-            self._evaluate(run, state.step)
-
-    def on_train_end(self, run: RunView) -> None:
-        step = run.state().step
-        if step != self._last:
-            self._evaluate(run, step)
-
-    def _evaluate(self, run: RunView, step: int) -> None:
+    def act(self, run: RunView, step: int) -> None:
         loss = run.evaluate(self.data, max_micro=self.max_micro)
         run.metrics.append({"step": step, "eval_loss": loss})
-        self._last = step
 
 
 class JsonLog(Callback):
@@ -139,30 +151,18 @@ class JsonLog(Callback):
         self._evaluations(run)  # those the end of training triggered
 
 
-class Checkpoint(Callback):
+class Checkpoint(Every):
     """A checkpoint every ``every`` steps in ``directory`` (and at the end), written
     atomically, the last ``keep`` kept; ``fit(..., resume=directory)`` continues exactly
     from the newest."""
 
     def __init__(self, directory: str | os.PathLike[str], *, every: int, keep: int = 3) -> None:
+        super().__init__(every)
         self.directory = Path(directory)
-        self.every = check_count("every", every)
         self.keep = check_count("keep", keep)
         self.saved: list[Path] = []  #: the files written (rank 0)
-        self._last = -1
 
-    def on_step(self, run: RunView) -> None:
-        step = run.state().step
-        if step % self.every == 0:
-            self._save(run, step)
-
-    def on_train_end(self, run: RunView) -> None:
-        step = run.state().step
-        if step != self._last:
-            self._save(run, step)
-
-    def _save(self, run: RunView, step: int) -> None:
+    def act(self, run: RunView, step: int) -> None:
         path = run.save_checkpoint(self.directory, keep=self.keep)
         if path is not None:
             self.saved.append(path)
-        self._last = step
