@@ -79,7 +79,7 @@ class Stepping:
         def count() -> list[float]:
             prepare = getattr(self.count_fn, "prepare", None)
             if callable(prepare):  # e.g. read off the model whether it shifts labels (once)
-                prepare(self.model, to_device(batches[0], self.device))
+                prepare(self.forward_model, to_device(batches[0], self.device))
             return count_window(batches, self.count_fn, where)
 
         counts = self.guard.run(count)
@@ -116,20 +116,18 @@ class Stepping:
             self.abort()
             raise
         run, weight = micro, micro.weight
-        if micro.count == 0:
-            if self.sync != "overlap":
-                state.skip()
-                return torch.zeros(())
-            run, weight = self._stand_in(micro, micros), 0.0  # the collectives must still run
-        batch = (
-            state.upcoming
-            if state.upcoming is not None and run is micro
-            else to_device(run.batch, self.device)
-        )
-        state.upcoming = None
-        if self.prefetch and not micro.last:
+        if micro.count == 0 and self.sync == "overlap":  # the collectives must still run
+            run, weight = self._stand_in(micro, micros), 0.0
+        prefetched, state.upcoming = state.upcoming, None
+        if self.prefetch and not micro.last:  # the next one copies while this one computes
             following = micros[micro.index + 1].batch
             state.upcoming = to_device(following, self.device, non_blocking=True)
+        if micro.count == 0 and run is micro:  # nothing to add, and nothing needs it to run
+            state.skip()
+            return torch.zeros(())
+        batch = prefetched if prefetched is not None and run is micro else None
+        if batch is None:
+            batch = to_device(run.batch, self.device)
         where = f"{self.where(micro.window.data)}, micro-batch {micro.index + 1}"
         try:
             with self._sync(micro.last):
