@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from reference import tokens
@@ -25,27 +26,36 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Embedding(11, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 11)).double()
 
 
-def job(out: Path, steps: int, resume: Path | None) -> autoaccum.FitResult:
+def train(
+    steps: int, *, samples: int = 30, workers: int = 2, scheduler: bool = True, **fit: Any
+) -> tuple[nn.Module, autoaccum.FitResult]:
+    """The job's model trained to ``steps`` optimizer steps in all (``fit``'s own arguments,
+    ``callbacks`` and ``resume``, passed on)."""
     torch.manual_seed(123)  # the run's own randomness: data order, dropout
     net = model()
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.05)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
-    loader = DataLoader(tokens(30), batch_size=4, shuffle=True, num_workers=2)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    loader = DataLoader(tokens(samples), batch_size=4, shuffle=True, num_workers=workers)
     result = autoaccum.fit(
         net,
         loader,
         8,
         optimizer=optimizer,
-        scheduler=scheduler,
+        scheduler=schedule if scheduler else None,
         epochs=3,
         max_steps=steps,
         max_micro=3,
         device="cpu",
         progress=False,
         report=False,
-        callbacks=[Checkpoint(out / "ckpt", every=2, keep=2)],
-        resume=resume,
+        **fit,
     )
+    return net, result
+
+
+def job(out: Path, steps: int, resume: Path | None) -> autoaccum.FitResult:
+    callbacks = [Checkpoint(out / "ckpt", every=2, keep=2)]
+    net, result = train(steps, callbacks=callbacks, resume=resume)
     params = [p.detach().clone() for p in net.parameters()]
     torch.save({"params": params, "losses": list(result.losses)}, out / "result.pt")
     return result

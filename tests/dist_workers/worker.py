@@ -322,24 +322,11 @@ OUT = Path(".")  #: the test's folder (set by main): where shared files go
 
 
 def _resume_job(steps: int, **kwargs: Any) -> dict[str, Any]:
-    from resume_job import model
+    """The single-process resume test's job, on this rank's share: 40 samples, no loader
+    workers, no scheduler."""
+    from resume_job import train
 
-    torch.manual_seed(123)  # dropout's randomness and the loader's seed draws
-    net = model()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=0.05)
-    result = autoaccum.fit(
-        net,
-        DataLoader(tokens(40), batch_size=4, shuffle=True),
-        8,
-        optimizer=optimizer,
-        epochs=3,
-        max_steps=steps,
-        max_micro=3,
-        device="cpu",
-        progress=False,
-        report=False,
-        **kwargs,
-    )
+    net, result = train(steps, samples=40, workers=0, scheduler=False, **kwargs)
     return {"params": params(net), "losses": list(result.losses)}
 
 
