@@ -72,7 +72,9 @@ class Accumulator(Stepping):
     batch's items and ``count_fn(batch)`` how many items that is (defaults:
     :func:`~autoaccum.train.counting.resolve_loss`). The model must be on its device; in a
     multi-rank run (an initialised process group) a plain module is wrapped in
-    DistributedDataParallel, and :attr:`model` is the module to call.
+    DistributedDataParallel, and :attr:`model` is the module to call; every rank creates its
+    accumulator at the same point (the ranks' exchange group is made then), and
+    :meth:`close` releases that group.
 
     ``sync`` says how a multi-rank window reduces its gradients. ``"deferred"`` (the default
     for DDP): every micro-step runs without gradient sync, and once every rank has said its
