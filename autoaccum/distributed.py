@@ -16,10 +16,8 @@ from autoaccum.errors import DistributedError
 
 __all__ = [
     "DistInfo",
-    "agree_window",
     "all_reduce_max",
     "all_reduce_min",
-    "all_reduce_sum",
     "broadcast_buffers",
     "current",
     "drop_unsynced_grads",
@@ -168,42 +166,6 @@ def all_reduce_max(value: float, info: DistInfo) -> float:
 
 def all_reduce_min(value: float, info: DistInfo) -> float:
     return _reduce(value, dist.ReduceOp.MIN, info)
-
-
-def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (moved to the collective's device and back)."""
-    if not info.active or info.world_size == 1:
-        return tensor
-    buffer = tensor.to(info.comm_device)
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    tensor.copy_(buffer)
-    return tensor
-
-
-def agree_window(micro_steps: int, model: nn.Module, info: DistInfo) -> bool:
-    """Whether every rank has a window to train (``micro_steps`` 0: this rank has none).
-
-    For rank-local data, where ranks can run out at different windows. One all-reduce.
-    An FSDP2 model gathers its parameters in every forward, so all ranks must run the
-    same number of micro-steps: a difference is a :class:`DistributedError` on every
-    rank (instead of mismatched collectives).
-    """
-    if not info.active or info.world_size == 1:
-        return micro_steps > 0
-    steps = torch.tensor([-micro_steps, micro_steps], dtype=torch.float64, device=info.comm_device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-    fewest, most = -int(steps[0].item()), int(steps[1].item())
-    if fewest == 0:
-        return False
-    if fewest != most and is_fsdp2(model):
-        raise DistributedError(
-            f"the ranks' windows have {fewest} to {most} micro-batches: with rank-local data "
-            "(not a DataLoader over a map-style dataset) the ranks hold different numbers of "
-            "samples in this window, which an FSDP2 model cannot train (every micro-step "
-            "all-gathers its parameters on all ranks). Give every rank the same number of "
-            "samples, or pass a DataLoader and let autoaccum shard it"
-        )
-    return True
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

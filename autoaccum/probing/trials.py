@@ -111,19 +111,21 @@ def probe(
     measured: list[float] = []  # the first trial's saved activations per sample (on the host)
     host: list[str] = []
 
+    def forward_backward(micro: Any, where: str) -> None:
+        """One micro-step as training runs it: no gradient sync, the loss checked."""
+        with gradient_sync(model, enabled=False):
+            with autocast(prec, dev):
+                loss = check_loss(loss_fn(model, micro), where)
+            loss.backward()  # type: ignore[no-untyped-call]
+
     def trial(size: int) -> None:
         micro = to_device(resize_batch(batch, size), dev)
         model.train()
         for _ in range(steps):
-            with gradient_sync(model, enabled=False):
-                with SavedBytes(model) if on_host and not measured else nullcontext() as saved:
-                    with autocast(prec, dev):
-                        where = f"probe trial at micro-batch {size}"
-                        loss = check_loss(loss_fn(model, micro), where)
-                    loss.backward()  # type: ignore[no-untyped-call]
-                if saved is not None:
-                    measured.append(saved.total / size)
-            del loss
+            with SavedBytes(model) if on_host and not measured else nullcontext() as saved:
+                forward_backward(micro, f"probe trial at micro-batch {size}")
+            if saved is not None:
+                measured.append(saved.total / size)
         fill_sharded_grads(model)
         optimizer.step()
 
@@ -170,9 +172,7 @@ def probe(
 
             def micro_step(size: int) -> None:
                 micro = to_device(resize_batch(batch, size), dev)
-                with gradient_sync(model, enabled=False), autocast(prec, dev):
-                    loss = loss_fn(model, micro)
-                loss.backward()  # type: ignore[no-untyped-call]
+                forward_backward(micro, f"timing micro-batch {size}")
 
             choice = time_and_choose(
                 per_rank=upper,

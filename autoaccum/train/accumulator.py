@@ -138,6 +138,7 @@ class Accumulator(Stepping):
         self._source: tuple[Iterable[Any], WindowSource] | None = None
         self._open: tuple[TrainWindow, list[Micro], OpenWindow] | None = None
         self._buffers = BufferBackup()
+        self._prepared = False
 
     # ------------------------------------------------------------------ planning
 

@@ -36,8 +36,8 @@ class CountFn(Protocol):
     """``count_fn(batch)``: how many items the mean of ``loss_fn`` is over.
 
     A count function may also have a ``prepare(model, batch)`` method: the accumulator calls
-    it with the first micro-batch of every window before counting (it should do its work
-    once), so a count can depend on the model (see
+    it once, with the first micro-batch of the first window, before counting, so a count can
+    depend on the model (see
     :class:`~autoaccum.train.counting.DefaultCount`)."""
 
     def __call__(self, batch: Any, /) -> int | torch.Tensor: ...

@@ -62,6 +62,7 @@ class Stepping:
     steps: int
     _open: tuple[TrainWindow, list[Micro], OpenWindow] | None
     _buffers: BufferBackup
+    _prepared: bool  #: the count function's ``prepare`` has run
 
     def begin(self, window: TrainWindow) -> list[Micro]:
         """Count the window's items (all ranks) and weigh its micro-batches; called by iterating
@@ -78,8 +79,9 @@ class Stepping:
 
         def count() -> list[float]:
             prepare = getattr(self.count_fn, "prepare", None)
-            if callable(prepare):  # e.g. read off the model whether it shifts labels (once)
+            if callable(prepare) and not self._prepared:  # e.g. whether the model shifts labels
                 prepare(self.forward_model, to_device(batches[0], self.device))
+                self._prepared = True
             return count_window(batches, self.count_fn, where)
 
         counts = self.guard.run(count)

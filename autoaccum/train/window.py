@@ -132,9 +132,11 @@ class BufferBackup:
     @torch.no_grad()
     def save(self, model: nn.Module) -> None:
         buffers = [D.local_tensor(b) for b in model.buffers()]
-        if [b for b, _ in self._pairs] != buffers or any(
-            b.shape != c.shape or b.dtype != c.dtype for b, c in self._pairs
-        ):
+        same = len(buffers) == len(self._pairs) and all(
+            b is kept and b.shape == copy.shape and b.dtype == copy.dtype
+            for b, (kept, copy) in zip(buffers, self._pairs, strict=True)
+        )
+        if not same:
             self._pairs = [(b, b.detach().clone()) for b in buffers]
             return
         for buffer, copy in self._pairs:
