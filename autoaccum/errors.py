@@ -9,6 +9,7 @@ planner and the command line.
 
 from __future__ import annotations
 
+import datetime
 import math
 import numbers
 import operator
@@ -28,6 +29,7 @@ __all__ = [
     "check_fraction",
     "check_item_count",
     "check_positive",
+    "check_timeout",
 ]
 
 
@@ -118,6 +120,23 @@ def check_positive(name: str, value: object) -> float:
     ):
         raise ConfigError(f"{name} must be a positive number or None, got {value!r}")
     return float(value)
+
+
+def check_timeout(value: object) -> datetime.timedelta:
+    """A timeout given in seconds (a positive number, as everywhere in autoaccum) or as a
+    ``datetime.timedelta``, as a timedelta; else a :class:`ConfigError`."""
+    if isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(
+            f"timeout must be a number of seconds (or a datetime.timedelta), got "
+            f"{type(value).__name__} {value!r}; e.g. timeout=600"
+        )
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {value!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def check_callable(name: str, value: object, signature: str) -> Any:

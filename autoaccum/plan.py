@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 from autoaccum.errors import PlanError, check_count
 
-__all__ = ["Plan", "compare_with_fit", "equal_plan", "even_split", "make_plan"]
+__all__ = ["Plan", "check_target", "compare_with_fit", "equal_plan", "even_split", "make_plan"]
 
 
 def even_split(total: int, parts: int) -> tuple[int, ...]:
@@ -102,6 +102,21 @@ def _nearest(value: int, ok: list[int]) -> str:
     return " or ".join(str(v) for v in near)
 
 
+def check_target(target_batch: int, world_size: int = 1) -> int:
+    """``target_batch`` when it divides evenly among ``world_size`` ranks (every rank must get
+    the same share), else a :class:`PlanError` naming the nearest targets that do."""
+    check_count("target_batch", target_batch)
+    check_count("world_size", world_size)
+    if target_batch % world_size:
+        valid = [world_size * k for k in range(1, target_batch // world_size + 2)]
+        raise PlanError(
+            f"target_batch {target_batch} does not divide evenly among {world_size} ranks, so "
+            f"every rank cannot get the same share; use target_batch="
+            f"{_nearest(target_batch, valid)} (a multiple of {world_size})"
+        )
+    return target_batch
+
+
 def make_plan(
     target_batch: int, max_micro: int, world_size: int = 1, *, min_micro: int = 1
 ) -> Plan:
@@ -114,17 +129,9 @@ def make_plan(
     micro-batch below ``min_micro`` (a BatchNorm model cannot train on one sample), is a
     :class:`PlanError` naming the nearest targets that work.
     """
-    check_count("target_batch", target_batch)
+    check_target(target_batch, world_size)
     check_count("max_micro", max_micro)
-    check_count("world_size", world_size)
     check_count("min_micro", min_micro)
-    if target_batch % world_size:
-        valid = [world_size * k for k in range(1, target_batch // world_size + 2)]
-        raise PlanError(
-            f"target_batch {target_batch} does not divide evenly among {world_size} ranks, so "
-            f"every rank cannot get the same share; use target_batch="
-            f"{_nearest(target_batch, valid)} (a multiple of {world_size})"
-        )
     if max_micro < min_micro:
         raise PlanError(
             f"max_micro {max_micro} is below {min_micro}, the smallest micro-batch this model "

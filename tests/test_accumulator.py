@@ -3,6 +3,7 @@ clipping, skipped steps, nothing half-applied; the own-loop API used in the wron
 
 from __future__ import annotations
 
+import datetime
 import math
 from typing import Any
 
@@ -12,6 +13,7 @@ from helpers import mlp
 from torch import nn
 from torch.nn import functional as F
 
+import autoaccum
 from autoaccum import Accumulator, ConfigError, NonFiniteLossError
 from autoaccum.train.batches import split_batch
 from autoaccum.train.data.window import Window
@@ -288,3 +290,44 @@ def test_the_own_loop_api_refuses_a_partial_or_doubled_window() -> None:
 def test_step_without_a_window_is_an_error() -> None:
     with pytest.raises(ConfigError, match="step\\(\\) without a window"):
         stepper(mlp()).step()
+
+
+def test_a_window_iterated_twice_is_an_error_that_applies_nothing() -> None:
+    """Iterating a window again after some backward() calls would backpropagate every
+    micro-batch twice: the window is dropped with an error; an applied window never trains
+    again, through the own loop or train_window."""
+    model = mlp()
+    before = snapshot(model)
+    acc = stepper(model)
+    window = window_of(acc, split_batch(data(), [4, 3, 3]))
+    for micro in window:
+        acc.backward(micro)
+    with pytest.raises(ConfigError, match="iterated again after 3 of its micro-batches"):
+        iter(window)
+    with pytest.raises(ConfigError, match="step\\(\\) without a window"):
+        acc.step()
+    assert unchanged(model, before)
+    assert all(p.grad is None for p in model.parameters())
+    window = window_of(acc, split_batch(data(), [4, 3, 3]))
+    list(window)  # iterating before any backward() is harmless
+    for micro in window:
+        acc.backward(micro)
+    acc.step()
+    after = snapshot(model)
+    with pytest.raises(ConfigError, match="already applied by step"):
+        list(window)
+    acc.plan = autoaccum.make_plan(10, 2)  # train_window re-cuts it: still the same window
+    with pytest.raises(ConfigError, match="already applied by step"):
+        acc.train_window(window)
+    assert unchanged(model, after)
+
+
+@pytest.mark.parametrize("timeout", [600, 600.0, datetime.timedelta(minutes=10)])
+def test_timeout_is_seconds_as_in_fit_or_a_timedelta(timeout: Any) -> None:
+    assert stepper(mlp(), timeout=timeout).agreement.group is None  # accepted on one process
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), "600", True])
+def test_a_bad_timeout_is_a_config_error(timeout: Any) -> None:
+    with pytest.raises(ConfigError, match="timeout must be a"):
+        stepper(mlp(), timeout=timeout)

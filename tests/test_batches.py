@@ -68,6 +68,32 @@ def test_a_datasets_dict_of_lists_batch_counts_samples_not_tokens() -> None:
     assert concat_batches([head, tail]) == batch
 
 
+def test_a_datasets_torch_format_batch_with_ragged_rows_counts_samples() -> None:
+    """``datasets`` in torch format gives ragged columns as lists of 1-d tensors: one tensor
+    per sample, not a tuple of batches; its slices stay per-sample (also where the lengths
+    left happen to agree), a stacked batch joins as its rows, and each tensor moves."""
+    lengths = (6, 3, 4, 3, 3)
+    batch = {
+        "input_ids": [torch.arange(n) for n in lengths],
+        "labels": [torch.arange(n) for n in lengths],
+        "score": torch.arange(5.0),
+    }
+    assert batch_size(batch) == 5
+    head, tail = split_batch(batch, [2, 3])
+    assert batch_size(tail) == 3  # three rows of 3 tokens: still 3 samples, not 3 tokens
+    assert [t.tolist() for t in tail["labels"]] == [[0, 1, 2, 3], [0, 1, 2], [0, 1, 2]]
+    joined = concat_batches([head, tail])
+    assert [len(t) for t in joined["input_ids"]] == list(lengths)
+    assert batch_size(concat_batches([tail, {k: v[:2] for k, v in tail.items()}])) == 5
+    stacked = {"input_ids": torch.zeros(2, 3), "labels": torch.zeros(2, 3), "score": torch.ones(2)}
+    assert batch_size(concat_batches([tail, stacked])) == 5
+    assert batch_size(resize_batch(batch, 12)) == 12
+    moved = to_device(batch, torch.device("cpu"))
+    assert all(isinstance(t, torch.Tensor) for t in moved["input_ids"])
+    # a list of batched tensors that agree on dim 0 is a structure, as before
+    assert batch_size([torch.zeros(4, 3), torch.zeros(4)]) == 4
+
+
 def test_a_named_tuple_keeps_its_type() -> None:
     pair = Pair(torch.arange(4), torch.arange(4) * 2)
     piece = slice_batch(pair, 1, 3)

@@ -131,3 +131,31 @@ def test_the_json_log_has_a_line_per_step_and_per_event(tmp_path: Path) -> None:
     assert (lines[0]["old"], lines[0]["new"], lines[0]["reason"]) == (4, 3, "oom")
     assert lines[1]["micro_sizes"] == [3, 3, 2]
     assert [line["step"] for line in lines if line["event"] == "eval"] == [5]
+
+
+def test_the_last_epoch_ends_also_when_max_steps_ends_the_run_there() -> None:
+    """2 epochs × 5 windows with max_steps=10: the run's last step is the last epoch's last
+    window, and per-epoch work (a scheduler per epoch, an epoch log) sees that epoch end."""
+    recorder = Recorder()
+    _fit(mlp(), [recorder], epochs=2, max_steps=10)
+    kinds = [kind for kind, _ in recorder.events]
+    assert kinds[-3:] == ["step", "epoch_end", "end"]
+    assert [e for e in recorder.events if e[0] == "epoch_end"] == [
+        ("epoch_end", 0),
+        ("epoch_end", 1),
+    ]
+    recorder = Recorder()
+    _fit(mlp(), [recorder], epochs=2, max_steps=7)  # stopped mid-epoch: no second epoch end
+    assert [e for e in recorder.events if e[0] == "epoch_end"] == [("epoch_end", 0)]
+
+
+@pytest.mark.parametrize("data", [[], DataLoader(samples(0), batch_size=4)], ids=["list", "loader"])
+def test_empty_evaluation_data_is_refused_at_the_start_and_named(data: Any) -> None:
+    with pytest.raises(autoaccum.BatchError, match=r"the evaluation data \(\w+\) is empty"):
+        Evaluate(data, every=1)
+
+
+def test_evaluation_data_found_empty_when_read_is_named() -> None:
+    model = mlp()
+    with pytest.raises(autoaccum.BatchError, match="the evaluation data"):
+        _fit(model, [Evaluate(iter([]), every=1)])

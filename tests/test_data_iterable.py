@@ -8,10 +8,14 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import bn_net
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import LR, ce, token_model
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset
 
+import autoaccum
 from autoaccum.errors import BatchError
 from autoaccum.plan import make_plan
 from autoaccum.train.data import window_source
@@ -133,3 +137,96 @@ def test_rechunking_reproduces_the_data_in_order(
     last = windows[-1]
     assert 0 < last.samples <= plan.per_rank
     assert tuple(len(m) for m in last.micro_batches) == plan.window_sizes(last.samples)
+
+
+def test_a_one_sample_tail_on_a_batchnorm_model_is_counted_on_every_path() -> None:
+    """A list of batches whose last window would hold one sample: BatchNorm cannot train on
+    it, so it is left out — with the same warning and count as the DataLoader path."""
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    batches = [(x[i : i + 3], y[i : i + 3]) for i in range(0, 15, 3)] + [(x[15:], y[15:])]
+    with pytest.warns(UserWarning, match="1 sample\\(s\\) of window 3 of epoch 0 were not"):
+        result = autoaccum.fit(
+            bn_net(), batches, 5, loss_fn=ce, max_micro=5, progress=False, report=False
+        )
+    assert result.samples_dropped == 1
+    assert result.samples_seen == 15
+
+
+def _padded_token_ce(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """A token loss over ragged rows, padded here: what a user writes for such batches."""
+    inputs = pad_sequence(list(batch["input_ids"]), batch_first=True)
+    labels = pad_sequence(list(batch["labels"]), batch_first=True, padding_value=-100)
+    logits = model(inputs)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def _ragged_rows(n: int) -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 9, (n,), generator=gen).tolist()
+    return [
+        {
+            "input_ids": torch.randint(0, 11, (k,), generator=gen),
+            "labels": torch.randint(0, 11, (k,), generator=gen),
+        }
+        for k in lengths
+    ]
+
+
+def _batched(rows: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """Rows batched the way ``datasets`` does in torch format: ragged columns as lists."""
+    out = []
+    for i in range(0, len(rows), size):
+        chunk = rows[i : i + size]
+        out.append({k: [r[k] for r in chunk] for k in chunk[0]})
+    return out
+
+
+def _fit_ragged(batches: list[dict[str, Any]], target: int) -> list[torch.Tensor]:
+    model = token_model()
+    autoaccum.fit(
+        model,
+        batches,
+        target,
+        loss_fn=_padded_token_ce,
+        count_fn=autoaccum.count_tokens("labels", shift=False),
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        max_micro=3,
+        progress=False,
+        report=False,
+    )
+    return [p.detach() for p in model.parameters()]
+
+
+def test_ragged_torch_format_batches_train_token_exactly() -> None:
+    """Ragged rows (lists of 1-d tensors, as ``datasets`` gives them in torch format) are
+    re-chunked into exact windows and weighted by their tokens: the parameters land on
+    full-window SGD over the same tokens, whatever the source batching."""
+    rows = _ragged_rows(23)
+    got = _fit_ragged(_batched(rows, 5), 8)
+    ref = token_model()
+    opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    for i in range(0, 23, 8):
+        window = _batched(rows[i : i + 8], 8)[0]
+        _padded_token_ce(ref, window).backward()
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(got, ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)
+    for p, q in zip(_fit_ragged(_batched(rows, 7), 8), got, strict=True):  # other source batches
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_real_datasets_batches_in_torch_format_train() -> None:
+    datasets = pytest.importorskip("datasets")
+    rows = _ragged_rows(23)
+    table = datasets.Dataset.from_dict(
+        {k: [r[k].tolist() for r in rows] for k in ("input_ids", "labels")}
+    )
+    batches = list(table.with_format("torch").iter(batch_size=5))
+    assert isinstance(batches[0]["labels"], list)  # ragged: a list of tensors
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(_fit_ragged(batches, 8), _fit_ragged(_batched(rows, 5), 8), strict=True)
+    )

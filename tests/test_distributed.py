@@ -127,6 +127,7 @@ SUITES = {
         "fsdp2",
         "oom_recovery",
         "failures",
+        "callback_faults",
     ),
     "env": ("samples_env", "plan_error_env", "failure_env"),
 }
@@ -345,3 +346,51 @@ def test_two_ranks_resume_bit_identical_to_the_run_that_never_stopped(tmp_path: 
         assert second[rank]["losses"] == straight["losses"]
         for p, q in zip(second[rank]["params"], straight["params"], strict=True):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("case", "kinds", "says"),
+    [
+        (
+            "fault_then_checkpoint",
+            ["DistributedError", "ValueError"],
+            "rank 1: ValueError: a bug in rank 1's callback",
+        ),
+        (
+            "fault_then_evaluate",
+            ["DistributedError", "ValueError"],
+            "rank 1: ValueError: a bug in rank 1's callback",
+        ),
+        (
+            "fault_in_evaluation",
+            ["DistributedError", "ValueError"],
+            "rank 1: ValueError: a bug in rank 1's evaluation",
+        ),
+        (
+            "save_on_rank0_only",
+            ["DistributedError", "DistributedError"],
+            "rank 0 was saving a checkpoint; rank 1 was the stop check",
+        ),
+        (
+            "targets_differ",
+            ["DistributedError", "DistributedError"],
+            "different settings (target_batch: rank 0 8, rank 1 12)",
+        ),
+        (
+            "datasets_differ",
+            ["DistributedError", "DistributedError"],
+            "datasets of different lengths (rank 0: 40, rank 1: 32)",
+        ),
+    ],
+)
+def test_what_parts_the_ranks_stops_every_rank_with_what_happened(
+    suites: dict[str, list[dict[str, Any]]], case: str, kinds: list[str], says: str
+) -> None:
+    """A callback failing on one rank while the other saves a checkpoint or evaluates, a save
+    on rank 0 only, different targets or datasets per rank: every rank ends with an error
+    (the healthy one says what happened where), well inside the 30 s collective timeout."""
+    outs = [out[case] for out in suites["callback_faults"]]
+    assert [kind for kind, _, _ in outs] == kinds
+    distributed = [message for kind, message, _ in outs if kind == "DistributedError"]
+    assert all(says in message for message in distributed), distributed
+    assert max(seconds for _, _, seconds in outs) < 15

@@ -158,3 +158,44 @@ def test_a_micro_batch_without_target_tokens_adds_nothing_and_stops_nothing() ->
     assert rel_diff(model, ref) < TOL
     assert result.losses == pytest.approx(ref_losses, rel=1e-12)
     assert result.samples_seen == 12  # the prompt-only sample is counted as seen
+
+
+def test_gradients_left_before_fit_do_not_leak_into_the_first_window() -> None:
+    """A user's own backward before fit leaves gradients; the first window must not apply them."""
+    data = samples(24)
+    model = mlp()
+    ce(model, (data.tensors[0][:5], data.tensors[1][:5])).backward()  # a stray backward
+    fit_sgd(model, DataLoader(data, batch_size=8), 8, loss_fn=ce, max_micro=3)
+    ref = mlp()
+    reference(ref, windows_of(data, 8), ce)
+    assert rel_diff(model, ref) < TOL
+
+
+def test_two_phase_training_clears_the_frozen_phases_gradients_every_window() -> None:
+    """Phase 1 trains only the head (the optimizer holds its parameters alone, the body stays
+    trainable); phase 2 everything. Every window starts from zero gradients on every trainable
+    parameter, and the parameters the optimizer lacks are named once in a warning."""
+    data = samples(24)
+    model, ref = mlp(), mlp()
+    head = list(model[3].parameters())
+    with pytest.warns(UserWarning, match="2 trainable parameter\\(s\\) of Sequential are not in"):
+        autoaccum.fit(
+            model,
+            DataLoader(data, batch_size=8),
+            8,
+            loss_fn=ce,
+            optimizer=torch.optim.SGD(head, lr=LR),
+            max_micro=3,
+            device="cpu",
+            progress=False,
+            report=False,
+        )
+    fit_sgd(model, DataLoader(data, batch_size=8), 8, loss_fn=ce, max_micro=3)
+    opt = torch.optim.SGD(ref[3].parameters(), lr=LR)
+    for window in windows_of(data, 8):  # phase 1 by hand: only the head moves
+        ref.zero_grad()
+        ce(ref, window).backward()
+        opt.step()
+    ref.zero_grad()
+    reference(ref, windows_of(data, 8), ce)
+    assert rel_diff(model, ref) < TOL

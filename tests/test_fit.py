@@ -192,7 +192,7 @@ def test_default_loss_for_hugging_face_style_outputs() -> None:
 
 def test_default_loss_asks_for_loss_fn_otherwise() -> None:
     triples = [(torch.randn(4, 5, dtype=torch.float64), torch.zeros(4), torch.zeros(4))]
-    with pytest.raises(ConfigError, match="Pass loss_fn="):
+    with pytest.raises(ConfigError, match="Pass a loss module"):
         run(mlp(), triples, 4, max_micro=4)
     # a dict batch for a model that is not Hugging Face-style: not a TypeError from forward()
     dicts = [{"x": torch.randn(4, 5, dtype=torch.float64), "y": torch.zeros(4, dtype=torch.long)}]
@@ -207,6 +207,40 @@ def test_a_meta_device_leaves_the_weights_where_they_were() -> None:
         run(model, DataLoader(data()), device="meta")
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert unchanged(model, before)
+
+
+def test_a_model_already_on_meta_is_a_config_error_not_torchs() -> None:
+    with torch.device("meta"):
+        model = nn.Linear(5, 3)
+    with pytest.raises(ConfigError, match="'meta' device, which hold no data: materialise"):
+        run(model, DataLoader(data()), max_micro=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int8])
+def test_the_default_loss_takes_class_labels_of_any_integer_dtype(dtype: torch.dtype) -> None:
+    x, y = data().tensors
+    wide, narrow = mlp(), mlp()
+    run(wide, DataLoader(TensorDataset(x, y), batch_size=4), 8, max_micro=3)
+    run(narrow, DataLoader(TensorDataset(x, y.to(dtype)), batch_size=4), 8, max_micro=3)
+    assert all(
+        torch.equal(p, q) for p, q in zip(wide.parameters(), narrow.parameters(), strict=True)
+    )
+
+
+def test_float_targets_without_loss_fn_say_what_the_default_loss_expects() -> None:
+    x = data().tensors[0]
+    with pytest.raises(ConfigError, match=r"targets are torch.float32 \(a regression\?\)"):
+        run(mlp(), DataLoader(TensorDataset(x, torch.randn(20, 3)), batch_size=4), max_micro=4)
+
+
+def test_a_target_larger_than_the_data_warns_once_and_probes_no_larger_than_the_data() -> None:
+    with pytest.warns(UserWarning, match="target_batch 64 is larger than the whole epoch") as got:
+        result = run(mlp(), DataLoader(data(20), batch_size=4), 64, epochs=3)
+    assert sum("larger than the whole epoch" in str(w.message) for w in got) == 1
+    assert result.probe is not None
+    assert max(t.size for t in result.probe.trials) == 20  # not tiled up to 64
+    assert result.optimizer_steps == 3
+    assert result.samples_seen == 60
 
 
 def test_a_model_without_parameters_is_a_config_error_not_torchs() -> None:

@@ -65,6 +65,40 @@ def test_oom_during_the_optimizer_step_is_not_retried() -> None:
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
 
 
+def test_an_oom_in_the_optimizer_step_clears_the_windows_gradients() -> None:
+    """The failed window's gradients must not stay on the parameters: a second fit on the same
+    model would add them to its first window."""
+
+    class OOMOnce(torch.optim.SGD):
+        calls = 0
+
+        def step(self, closure: Any = None) -> Any:
+            OOMOnce.calls += 1
+            if OOMOnce.calls == 2:
+                raise OOM("CUDA out of memory (injected in the second optimizer step)")
+            return super().step(closure)
+
+    data = samples(16)
+    model = mlp()
+    with pytest.raises(OOM) as caught:
+        autoaccum.fit(
+            model,
+            DataLoader(data, batch_size=8),
+            8,
+            loss_fn=ce,
+            optimizer=OOMOnce(model.parameters(), lr=LR),
+            max_micro=4,
+            device="cpu",
+            progress=False,
+            report=False,
+        )
+    assert "its gradients were cleared" in "".join(getattr(caught.value, "__notes__", []))
+    assert all(p.grad is None for p in model.parameters())
+    ref = mlp()
+    reference(ref, windows_of(data, 8)[:1], ce)  # the first step was applied, the second not
+    assert rel_diff(model, ref) < TOL
+
+
 def test_nothing_fits_in_training() -> None:
     with (
         pytest.warns(UserWarning, match="out of memory"),

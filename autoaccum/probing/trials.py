@@ -21,7 +21,7 @@ from torch import nn
 
 from autoaccum.device import check_device
 from autoaccum.distributed import drop_unsynced_grads, fill_sharded_grads, gradient_sync
-from autoaccum.errors import BatchError, ConfigError, check_callable, check_count
+from autoaccum.errors import BatchError, ConfigError, check_count
 from autoaccum.memory.footprint import footprint
 from autoaccum.probing.fastest import check_choose, time_and_choose
 from autoaccum.probing.host import SavedBytes, host_available, host_ceiling
@@ -32,7 +32,8 @@ from autoaccum.probing.search import Agree, search_max_batch
 from autoaccum.probing.state import optimizer_hooks_off, restore, snapshot
 from autoaccum.results import ProbeResult
 from autoaccum.train.batches import batch_size, resize_batch, to_device
-from autoaccum.train.losses import LossFn, check_loss, default_loss
+from autoaccum.train.counting import resolve_loss
+from autoaccum.train.losses import LossFn, check_loss
 from autoaccum.train.model import (
     check_model,
     check_model_optimizer,
@@ -89,9 +90,7 @@ def probe(
     optimizer = check_model_optimizer(
         model, optimizer if optimizer is not None else default_optimizer(model)
     )
-    loss_fn = check_callable(
-        "loss_fn", loss_fn if loss_fn is not None else default_loss, "loss_fn(model, batch)"
-    )
+    loss_fn, _ = resolve_loss(loss_fn, None)  # a loss module too: criterion(model(x), y)
     if batch_size(batch) == 0:
         raise BatchError("the probe batch is empty: give at least one real sample to tile")
     dev = check_device(device) if device is not None else model_device(model)

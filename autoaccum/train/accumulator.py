@@ -28,8 +28,9 @@ from autoaccum.errors import (
     check_callable,
     check_count,
     check_positive,
+    check_timeout,
 )
-from autoaccum.plan import Plan, make_plan
+from autoaccum.plan import Plan, check_target, make_plan
 from autoaccum.probing.fastest import check_choose
 from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.probing.state import preserved_rng
@@ -47,10 +48,11 @@ from autoaccum.train.model import (
     default_optimizer,
     min_micro,
     model_device,
+    warn_outside_optimizer,
 )
 from autoaccum.train.precision import make_scaler, resolve_precision
 from autoaccum.train.resize import Resizer, rechunk
-from autoaccum.train.stepping import Stepping, resolve_sync
+from autoaccum.train.stepping import Stepping, check_sync, resolve_sync
 from autoaccum.train.window import (
     BufferBackup,
     Micro,
@@ -77,13 +79,11 @@ class Accumulator(Stepping):
     :meth:`close` releases that group.
 
     ``sync`` says how a multi-rank window reduces its gradients. ``"deferred"`` (the default
-    for DDP): every micro-step runs without gradient sync, and once every rank has said its
-    micro-steps succeeded the gradients are averaged in one all-reduce; an out-of-memory
-    error on any rank at any micro-step is then recovered on every rank. ``"overlap"``: DDP's
-    or FSDP2's own reduction, overlapped with the last micro-step's backward (faster on slow
-    links; an out-of-memory error inside that backward stops every rank with a clear error,
-    as does any with FSDP2, whose every forward gathers parameters). FSDP2 is always
-    ``"overlap"``.
+    for DDP): micro-steps run without gradient sync, and once every rank has said they
+    succeeded the gradients are averaged in one all-reduce, so an out-of-memory error on any
+    rank is recovered on every rank. ``"overlap"``: DDP's or FSDP2's own reduction in the last
+    micro-step's backward (an out-of-memory error there stops every rank with a clear error).
+    FSDP2 is always ``"overlap"``.
     """
 
     def __init__(
@@ -101,40 +101,63 @@ class Accumulator(Stepping):
         device: torch.device | None = None,
         prefetch: bool = False,
         sync: str = "auto",
-        timeout: datetime.timedelta | None = None,
+        timeout: float | datetime.timedelta | None = None,
         size_fn: SizeFn | None = None,
         choose: str = "auto",
     ) -> None:
-        self.module = check_model(model)
-        self.target_batch = check_count("target_batch", target_batch)
-        self.max_grad_norm = (
-            check_positive("max_grad_norm", max_grad_norm) if max_grad_norm is not None else None
-        )
-        self.margin = check_margin(margin)
         self.dist = D.current()
-        make_plan(target_batch, target_batch, self.dist.world_size)  # PlanError before any work
-        self.device = device if device is not None else model_device(model)
-        self.precision = resolve_precision(precision, self.device)
-        self.optimizer = check_model_optimizer(
-            model, optimizer if optimizer is not None else default_optimizer(model)
-        )
-        self.loss_fn, self.count_fn = resolve_loss(loss_fn, count_fn)
+        limit = check_timeout(timeout) if timeout is not None else None
+        self.agreement = Agreement(self.dist, limit)
+        self.guard = Guard(self.agreement)
+        try:  # nothing here talks to the other ranks: a rank that fails tells them below
+            self.module = check_model(model)
+            self.target_batch = check_count("target_batch", target_batch)
+            self.max_grad_norm = (
+                check_positive("max_grad_norm", max_grad_norm)
+                if max_grad_norm is not None
+                else None
+            )
+            self.margin = check_margin(margin)
+            check_target(target_batch, self.dist.world_size)  # PlanError before any work
+            self.device = device if device is not None else model_device(model)
+            self.precision = resolve_precision(precision, self.device)
+            self.optimizer = check_model_optimizer(
+                model, optimizer if optimizer is not None else default_optimizer(model)
+            )
+            self.loss_fn, self.count_fn = resolve_loss(loss_fn, count_fn)
+            self.choose = check_choose(choose)
+            self.size_fn = (
+                check_callable("size_fn", size_fn, "size_fn(sample) -> int") if size_fn else None
+            )
+            check_sync(sync)
+        except Exception as exc:
+            self.guard.give_up(exc, "setting up the accumulator")
+            self.close()
+            raise
+        try:  # every rank: the same target and settings, or every rank stops
+            self.guard.same_settings(
+                target_batch=self.target_batch,
+                precision=self.precision,
+                sync=sync,
+                choose=self.choose,
+                margin=self.margin,
+                max_grad_norm=self.max_grad_norm,
+            )
+        except BaseException:
+            self.close()
+            raise
+        warn_outside_optimizer(model, self.optimizer)
         self.scheduler = scheduler
         self.scaler = make_scaler(self.precision, self.device)
         self.prefetch = prefetch
         self.model = D.wrap_model(model, self.dist, self.device)
         self.sync = resolve_sync(sync, self.model, self.dist)
-        self.choose = check_choose(choose)
-        self.size_fn = (
-            check_callable("size_fn", size_fn, "size_fn(sample) -> int") if size_fn else None
-        )
         self.plan: Plan | None = None
         self.probe_result: ProbeResult | None = None
         self.steps = 0  #: optimizer steps taken or attempted (the windows stepped so far)
         self.resizer = Resizer()  #: the micro-batch's changes in :meth:`train_window`
         self.samples_dropped = 0  #: samples of windows that no micro-batch could hold
-        self.agreement = Agreement(self.dist, timeout)
-        self.guard = Guard(self.agreement)
+        self._warned_small = False
         self._source: tuple[Iterable[Any], WindowSource] | None = None
         self._open: tuple[TrainWindow, list[Micro], OpenWindow] | None = None
         self._buffers = BufferBackup()
@@ -160,38 +183,52 @@ class Accumulator(Stepping):
             self.resizer.ceiling = self.plan.max_micro
         return self.plan
 
-    def probe(self, batch: Any, probed_on: str = "") -> Plan:
+    def probe(self, batch: Any, probed_on: str = "", *, upper: int | None = None) -> Plan:
         """Probe the largest micro-batch that trains, on the real samples of ``batch`` (what
-        they are, in ``probed_on``), and plan with it. Every rank must call it (the ranks
-        agree on the size); the model's state and the random streams are left as they were."""
-        info = self.dist
-        per_rank = self.target_batch // info.world_size
+        they are, in ``probed_on``), and plan with it; no larger than ``upper`` (default: this
+        rank's share of the target). Every rank must call it (the ranks agree on every trial
+        and take the smallest ceiling); the model's state and the random streams are left as
+        they were."""
+        per_rank = self.target_batch // self.dist.world_size
+        if upper is not None:
+            per_rank = min(per_rank, check_count("upper", upper))
+        point = "probing the micro-batch"
 
         def agree(failed: bool) -> bool:
-            return D.all_reduce_max(float(failed), info) > 0
+            return self.guard.agree(point, oom=failed).oom > 0
 
-        with preserved_rng():
-            found = probe(
-                self.model,
-                batch,
-                loss_fn=self.loss_fn,
-                optimizer=self.optimizer,
-                upper=per_rank,
-                precision=self.precision,
-                margin=self.margin,
-                device=self.device,
-                agree=agree if info.active and info.world_size > 1 else None,
-                choose=self.choose,
-                slowest=lambda seconds: D.all_reduce_max(seconds, info),
-            )
+        def run() -> ProbeResult:
+            with preserved_rng():
+                return probe(
+                    self.model,
+                    batch,
+                    loss_fn=self.loss_fn,
+                    optimizer=self.optimizer,
+                    upper=per_rank,
+                    precision=self.precision,
+                    margin=self.margin,
+                    device=self.device,
+                    agree=agree if self.guard.multi else None,
+                    choose=self.choose,
+                )
+
+        found = self.guard.run(run, "probing the micro-batch")
         self.probe_result = dataclasses.replace(found, probed_on=probed_on)
-        return self.replan(int(D.all_reduce_min(float(found.max_micro), info)))
+        ceilings = self.guard.agree(point, each=found.max_micro).each
+        return self.replan(min(ceilings))
 
     def probe_data(self, data: Iterable[Any]) -> Plan:
         """Probe on the heaviest samples of ``data`` where it can be scanned (a DataLoader
         over a map-style dataset; weighed by ``size_fn``), else on its first window."""
         share = self.target_batch // self.dist.world_size
-        return self.probe(*self.source(data).probe_batch(share, self.size_fn))
+        source = self.source(data)
+        known = source.samples_per_epoch()
+        if known:  # no micro-batch can hold more than a rank's whole epoch
+            share = min(share, known)
+        batch, what = self.guard.run(
+            lambda: source.probe_batch(share, self.size_fn), "reading the probe's samples"
+        )
+        return self.probe(batch, what, upper=share)
 
     # ------------------------------------------------------------------ data
 
@@ -213,24 +250,57 @@ class Accumulator(Stepping):
         if self.plan is None:
             self.probe_data(data)
         assert self.plan is not None  # set by probe()
+        self._start_epoch(source, self.plan)
         windows = self.guard.iterate(source.windows(self.plan, epoch, skip=skip))
         for window in windows:
+            self._dropped(window)  # counted and warned about on every path, then trained
             if source.rank_local and not self._all_have(len(window.micro_batches)):
                 return
-            self._dropped(window)
             if window.micro_batches:
                 yield TrainWindow(self, window)
         if source.rank_local:
             self._all_have(0)  # tell the ranks still holding data to stop
 
+    def _start_epoch(self, source: WindowSource, plan: Plan) -> None:
+        """Every rank starts the epoch together; ranks that share one dataset (a DataLoader
+        autoaccum shards) must hold the same one, or their windows would part ways."""
+        shared = None if source.rank_local else source.dataset_size()
+        agreed = self.guard.agree(
+            "starting an epoch", each=-1 if shared is None else shared, where="starting an epoch"
+        )
+        if shared is not None and not agreed.each_equal:
+            lengths = ", ".join(f"rank {r}: {n}" for r, n in enumerate(agreed.each))
+            raise DistributedError(
+                f"the ranks' DataLoaders hold datasets of different lengths ({lengths}): "
+                "autoaccum shards one dataset among the ranks, so every rank must pass a "
+                "DataLoader over the same dataset. For data each rank reads on its own, pass an "
+                "iterable of batches (its epoch ends when the first rank runs out)"
+            )
+        samples = source.samples_per_epoch()
+        if samples and samples < plan.per_rank and not self._warned_small:
+            self._warned_small = True
+            total = samples * self.dist.world_size
+            warnings.warn(
+                f"target_batch {plan.target_batch} is larger than the whole epoch (about "
+                f"{total} samples over {self.dist.world_size} rank(s)): every optimizer step "
+                f"trains on all of it, one short window per epoch. Lower target_batch to at most "
+                f"{total} for several steps per epoch",
+                UserWarning,
+                stacklevel=4,
+            )
+
     def _all_have(self, micro_steps: int) -> bool:
-        agreed = self.guard.agree(missing=micro_steps == 0, steps=micro_steps)
+        agreed = self.guard.agree(
+            "checking that every rank has a window (rank-local data)",
+            missing=micro_steps == 0,
+            each=micro_steps,
+        )
         if agreed.missing:
             return False
-        if not agreed.steps_equal and D.is_fsdp2(self.model):
+        if not agreed.each_equal and D.is_fsdp2(self.model):
             raise DistributedError(
-                f"the ranks' windows have {min(agreed.steps)} to {max(agreed.steps)} "
-                f"micro-batches (rank by rank: {list(agreed.steps)}): with rank-local "
+                f"the ranks' windows have {min(agreed.each)} to {max(agreed.each)} "
+                f"micro-batches (rank by rank: {list(agreed.each)}): with rank-local "
                 "data (not a DataLoader over a map-style dataset) the ranks hold different "
                 "numbers of samples in this window, which an FSDP2 model cannot train (every "
                 "micro-step all-gathers its parameters on all ranks). Give every rank the same "
@@ -260,12 +330,12 @@ class Accumulator(Stepping):
         same); the smaller plan is kept, and grows back after a run of clean windows.
         """
         assert self.plan is not None  # a TrainWindow comes from windows(), which plans
-        current = _with(window, rechunk(window.data.micro_batches, self.plan))
+        current = window.recut(rechunk(window.data.micro_batches, self.plan))
         while (oom := self.guard.micro_steps(self, current)) is not None:
             self.plan = self.resizer.after_oom(
                 self.plan, window.data, self.steps + 1, self.where(window.data), **oom
             )
-            current = _with(window, rechunk(current.data.micro_batches, self.plan))
+            current = window.recut(rechunk(current.data.micro_batches, self.plan))
         outcome = self.step()
         self.plan = self.resizer.after_window(self.plan, window.data, self.steps)
         return outcome
@@ -273,11 +343,3 @@ class Accumulator(Stepping):
     def close(self) -> None:
         """Release the ranks' exchange group (``fit`` calls this; so should your own loop)."""
         self.agreement.close()
-
-
-def _with(window: TrainWindow, micro_batches: list[Any]) -> TrainWindow:
-    """``window`` with its samples cut into other micro-batches (itself when unchanged)."""
-    if list(micro_batches) == list(window.data.micro_batches):
-        return window
-    data = dataclasses.replace(window.data, micro_batches=tuple(micro_batches))
-    return TrainWindow(window.accumulator, data)

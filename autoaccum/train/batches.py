@@ -3,8 +3,10 @@
 A *batch* is a tensor, or a (named) tuple, list, mapping or dataclass of batches, nested
 to any depth. A list whose items are all plain values (``str``, numbers, ``None``), or
 all lists of plain values (ragged token lists, as in a Hugging Face ``datasets`` batch),
-is a per-sample leaf: it is sliced and joined like a tensor. Any other plain value (a
-scalar, a string) is a constant: copied as is into every piece.
+is a per-sample leaf: it is sliced and joined like a tensor. So is a mapping's list of
+tensors whose lengths differ (a ``datasets`` batch in torch format with ragged rows): it
+becomes a :class:`RaggedList`, one tensor per sample, moved tensor by tensor. Any other
+plain value (a scalar, a string) is a constant: copied as is into every piece.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from autoaccum.errors import BatchError
 
 __all__ = [
+    "RaggedList",
     "batch_size",
     "concat_batches",
     "map_tensors",
@@ -38,9 +41,37 @@ def _is_plain(obj: object) -> bool:
     return isinstance(obj, (list, tuple)) and all(_is_plain(x) for x in obj)
 
 
+class RaggedList(list):  # type: ignore[type-arg]
+    """One tensor per sample, of different lengths: a per-sample leaf (its slices stay one)."""
+
+    def __getitem__(self, index: Any) -> Any:
+        item = super().__getitem__(index)
+        return RaggedList(item) if isinstance(index, slice) else item
+
+
+def _is_ragged(obj: object) -> bool:
+    """A list of tensors whose first dimensions differ: one tensor per sample (a mapping's
+    ragged column), never a tuple-like structure of batches (those agree on dim 0)."""
+    if isinstance(obj, RaggedList):
+        return True
+    if not isinstance(obj, list) or len(obj) < 2:
+        return False
+    if not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in obj):
+        return False
+    return len({x.shape[0] for x in obj}) > 1
+
+
 def _is_sample_list(obj: object) -> bool:
-    """A list of per-sample plain values: ``[0, 1, 1]``, ``["a", "b"]``, ``[[101, 7], [101]]``."""
+    """A list of per-sample values: ``[0, 1, 1]``, ``["a", "b"]``, ``[[101, 7], [101]]``, or a
+    :class:`RaggedList` of tensors."""
+    if isinstance(obj, RaggedList):
+        return True
     return isinstance(obj, list) and len(obj) > 0 and all(_is_plain(x) for x in obj)
+
+
+def _ragged_values(batch: Mapping[Any, Any]) -> dict[Any, Any]:
+    """A mapping's entries with its ragged columns as :class:`RaggedList` s."""
+    return {k: RaggedList(v) if _is_ragged(v) else v for k, v in batch.items()}
 
 
 def _is_dataclass_batch(obj: object) -> bool:
@@ -90,7 +121,7 @@ def _leaf_sizes(batch: Any, path: str, out: list[tuple[str, int]]) -> None:
     elif _is_sample_list(batch):
         out.append((path, len(batch)))
     elif isinstance(batch, Mapping):
-        for key, value in batch.items():
+        for key, value in _ragged_values(batch).items():
             _leaf_sizes(value, f"{path}[{key!r}]", out)
     elif _is_dataclass_batch(batch):
         for name, value in _fields_of(batch).items():
@@ -128,7 +159,8 @@ def map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
     if isinstance(batch, torch.Tensor) or _is_sample_list(batch):
         return fn(batch)
     if isinstance(batch, Mapping):
-        return _rebuild_mapping(batch, {k: map_tensors(v, fn) for k, v in batch.items()})
+        items = _ragged_values(batch).items()
+        return _rebuild_mapping(batch, {k: map_tensors(v, fn) for k, v in items})
     if _is_dataclass_batch(batch):
         return _rebuild_dataclass(
             batch, {k: map_tensors(v, fn) for k, v in _fields_of(batch).items()}
@@ -162,7 +194,8 @@ def _tile_leaf(leaf: Any, n: int) -> Any:
         if reps > 1:
             leaf = leaf.repeat(reps, *([1] * (leaf.dim() - 1)))
         return leaf[:n].contiguous()
-    return (list(leaf) * reps)[:n]
+    tiled = (list(leaf) * reps)[:n]
+    return RaggedList(tiled) if isinstance(leaf, RaggedList) else tiled
 
 
 def resize_batch(batch: Any, n: int) -> Any:
@@ -175,6 +208,12 @@ def resize_batch(batch: Any, n: int) -> Any:
 
 
 def _join(leaves: list[Any]) -> Any:
+    if any(isinstance(x, RaggedList) for x in leaves):  # a stacked batch joins as its rows
+        return RaggedList(
+            row
+            for leaf in leaves
+            for row in (leaf.unbind(0) if isinstance(leaf, torch.Tensor) else leaf)
+        )
     first = leaves[0]
     if isinstance(first, torch.Tensor):
         if not all(isinstance(x, torch.Tensor) for x in leaves):
@@ -211,7 +250,8 @@ def concat_batches(batches: Sequence[Any]) -> Any:
         keys = list(first.keys())
         if any(not isinstance(b, Mapping) or list(b.keys()) != keys for b in batches):
             raise BatchError("cannot join batches whose dictionaries have different keys")
-        return _rebuild_mapping(first, {k: concat_batches([b[k] for b in batches]) for k in keys})
+        values = [_ragged_values(b) for b in batches]
+        return _rebuild_mapping(first, {k: concat_batches([v[k] for v in values]) for k in keys})
     if _is_dataclass_batch(first):
         if any(type(b) is not type(first) for b in batches):
             raise BatchError("cannot join batches of different dataclass types")
@@ -231,6 +271,8 @@ def to_device(batch: Any, device: torch.device, *, non_blocking: bool = False) -
     def move(leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor):
             return leaf.to(device, non_blocking=non_blocking)
+        if isinstance(leaf, RaggedList):
+            return RaggedList(x.to(device, non_blocking=non_blocking) for x in leaf)
         return leaf
 
     return map_tensors(batch, move)

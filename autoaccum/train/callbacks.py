@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from autoaccum.errors import check_count
 from autoaccum.plan import Plan
 from autoaccum.results import Resize
+from autoaccum.train.evaluate import check_evaluation_data
 
 __all__ = ["Callback", "Checkpoint", "Evaluate", "Every", "JsonLog", "RunView", "StepState"]
 
@@ -109,6 +110,7 @@ class Evaluate(Every):
 
     def __init__(self, data: Iterable[Any], *, every: int, max_micro: int | None = None) -> None:
         super().__init__(every)
+        check_evaluation_data(data)
         self.data = data
         self.max_micro = check_count("max_micro", max_micro) if max_micro is not None else None
 

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from autoaccum.probing.state import preserved_rng
 from autoaccum.train.batches import batch_size, slice_batch
+from autoaccum.train.criterion import check_not_a_criterion, from_criterion
 from autoaccum.train.losses import (
     IGNORE_INDEX,
     CountFn,
@@ -140,9 +141,17 @@ def resolve_loss(loss_fn: LossFn | None, count_fn: CountFn | None) -> tuple[Loss
     """The loss and count functions to train with: the user's, or the defaults.
 
     Without ``loss_fn`` the default loss is used and, without ``count_fn``, its own count
-    (:class:`DefaultCount`); a user's ``loss_fn`` without ``count_fn`` is weighted by samples.
+    (:class:`DefaultCount`); a loss module (``nn.CrossEntropyLoss()``) is applied to
+    ``(inputs, targets)`` batches and counted by what its mean is over
+    (:mod:`~autoaccum.train.criterion`); a user's ``loss_fn`` without ``count_fn`` is weighted
+    by samples.
     """
     check_loss_and_count(loss_fn, count_fn)
+    if isinstance(loss_fn, nn.Module):  # a loss module: criterion(model(inputs), targets)
+        criterion_loss, criterion_count = from_criterion(loss_fn)
+        return criterion_loss, count_fn if count_fn is not None else criterion_count
+    if loss_fn is not None:
+        check_not_a_criterion(loss_fn)
     loss = loss_fn if loss_fn is not None else default_loss
     if count_fn is not None:
         return loss, count_fn

@@ -66,18 +66,26 @@ class Guard:
 
     def agree(
         self,
+        point: str,
         *,
         failure: BaseException | None = None,
         where: str = "training",
         oom: bool = False,
         **values: Any,
     ) -> Agreed:
-        """Exchange this rank's word; when any rank failed, every rank raises (this one its
-        own ``failure``, the others a :class:`DistributedError` saying what happened)."""
-        agreed = self.agreement.exchange(oom=oom, error=failure is not None, **values)
+        """Exchange this rank's word at ``point``; when any rank failed, every rank raises
+        (this one its own ``failure``, the others a :class:`DistributedError` saying what
+        happened), and when the ranks were at different points, every rank raises a
+        :class:`DistributedError` saying where each was."""
+        agreed = self.agreement.exchange(
+            "failing" if failure is not None else point,
+            oom=oom,
+            error=failure is not None,
+            **values,
+        )
         if agreed.error:
             mine = _describe(failure, where) if failure is not None else None
-            reasons = self.agreement.reasons(mine)
+            reasons = self.agreement.gather(mine)
             self.reported = True
             if failure is not None:
                 raise failure
@@ -86,7 +94,36 @@ class Guard:
                 f"another rank stopped the run, so this rank stops too instead of waiting for "
                 f"it — {failed}"
             )
+        if not agreed.same_point:
+            self.reported = True  # every rank raises now: nobody is left waiting to be told
+            raise DistributedError(
+                f"the ranks are out of step: {agreed.where()}. Every rank must make the same "
+                "calls in the same order: call run.save_checkpoint() and run.evaluate() on every "
+                "rank, not only on rank 0 (each rank holds its part of the state and of the "
+                "data; autoaccum writes files on rank 0 only)"
+            )
         return agreed
+
+    def same_settings(self, **settings: object) -> None:
+        """Every rank must run with the same ``settings`` (the target, the precision, …): a
+        rank whose differ would cut other windows or take other steps, and the ranks would
+        part ways mid-run. Otherwise every rank raises a :class:`DistributedError`."""
+        self.agree("starting the run (the settings of every rank)")
+        if not self.multi:
+            return
+        every: list[Any] = self.agreement.gather(settings)
+        differ = [k for k in settings if len({repr(s[k]) for s in every}) > 1]
+        if differ:
+            listed = "; ".join(
+                f"{k}: " + ", ".join(f"rank {r} {s[k]!r}" for r, s in enumerate(every))
+                for k in differ
+            )
+            self.reported = True
+            raise DistributedError(
+                f"the ranks were started with different settings ({listed}); every rank must "
+                "pass the same target and settings (target_batch is the global batch over all "
+                "ranks, not each rank's share)"
+            )
 
     def run(self, fn: Callable[[], T], where: str = "training") -> T:
         """``fn()``; if it raises on this rank, the other ranks are told before it propagates."""
@@ -100,7 +137,7 @@ class Guard:
         """Tell the other ranks (once) that this rank fails with ``exc``; the caller raises."""
         if self.multi and not self.reported:
             try:
-                self.agree(failure=exc, where=where)
+                self.agree("failing", failure=exc, where=where)
             except BaseException as told:
                 if told is not exc:
                     raise
@@ -135,11 +172,13 @@ class Guard:
             if not self.multi and failure is not None:
                 raise failure
             here = f"{where}, micro-batch {micro.index + 1}"
-            agreed = self.agree(failure=failure, where=here, oom=reading is not None)
+            agreed = self.agree(
+                "a micro-step", failure=failure, where=here, oom=reading is not None
+            )
             if agreed.oom:
                 return self._dropped(acc, agreed, reading, here)
         for _ in range(acc.most_steps() - len(window)):  # ranks with fewer micro-steps wait
-            agreed = self.agree(where=where)
+            agreed = self.agree("a micro-step", where=where)
             if agreed.oom:
                 return self._dropped(acc, agreed, None, where)
         return None
@@ -173,11 +212,13 @@ class Guard:
                 exc.add_note(
                     f"autoaccum: this happened in the optimizer update of {where}, after every "
                     "micro-batch of the window; the weights may be partly updated, so the "
-                    "window is not run again"
+                    "window is not run again (its gradients were cleared)"
                 )
             failure = exc
         if self.multi:
-            self.agree(failure=failure, where=f"the optimizer update of {where}")
+            self.agree(
+                "the optimizer update", failure=failure, where=f"the optimizer update of {where}"
+            )
         if failure is not None:
             raise failure
         return result  # type: ignore[return-value]  # set whenever fn() returned

@@ -21,6 +21,7 @@ __all__ = [
     "count_tokens",
     "default_count",
     "default_loss",
+    "label_count",
 ]
 
 IGNORE_INDEX = -100
@@ -66,7 +67,8 @@ def _class_targets(batch: Any) -> torch.Tensor | None:
 _NO_DEFAULT = (
     "the default loss_fn understands a model whose output has a `.loss` (Hugging Face style, "
     "batches given as dicts of keyword arguments) and (inputs, integer targets) pairs trained "
-    "with cross-entropy; {what}. Pass loss_fn=lambda model, batch: <mean loss over the batch's "
+    "with cross-entropy; {what}. Pass a loss module (loss_fn=torch.nn.MSELoss(), applied as "
+    "loss(model(inputs), targets)) or loss_fn=lambda model, batch: <mean loss over the batch's "
     "items> (and count_fn when items are not samples, e.g. tokens)"
 )
 
@@ -99,9 +101,14 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         return loss
     targets = _class_targets(batch)
     if targets is None:
-        raise ConfigError(
-            _NO_DEFAULT.format(what=f"this batch is a {type(batch).__name__} of another shape")
-        )
+        if _is_pair(batch) and isinstance(batch[1], torch.Tensor):
+            what = (
+                f"this batch's targets are {batch[1].dtype} (a regression?), not integer class "
+                "indices; for a regression pass e.g. loss_fn=torch.nn.MSELoss()"
+            )
+        else:
+            what = f"this batch is a {type(batch).__name__} of another shape"
+        raise ConfigError(_NO_DEFAULT.format(what=what))
     out = model(batch[0])
     loss = _loss_attr(out)
     if loss is not None:
@@ -114,8 +121,10 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
                 f"{tuple(getattr(logits, 'shape', ()))} for targets of shape {tuple(targets.shape)}"
             )
         )
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    return F.cross_entropy(  # class indices of any integer dtype (int32, int16, …) as int64
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1).long(),
+        ignore_index=IGNORE_INDEX,
     )
 
 
@@ -156,14 +165,28 @@ def count_tokens(
     the first position of every sequence is never a target).
     """
 
-    def count(batch: Any) -> torch.Tensor:
-        labels = batch[key]
+    def count(batch: Any) -> int | torch.Tensor:
+        return label_count(batch[key], shift=shift, ignore_index=ignore_index)
+
+    return count
+
+
+def label_count(
+    labels: Any, *, shift: bool, ignore_index: int = IGNORE_INDEX
+) -> int | torch.Tensor:
+    """The labels that are not ``ignore_index`` (less each row's first where ``shift``): of a
+    tensor ``(..., length)``, or of ragged rows (a list of 1-d tensors or of lists of ints)."""
+    if isinstance(labels, torch.Tensor):
         if shift:
             labels = labels[..., 1:]
         count: torch.Tensor = (labels != ignore_index).sum()
         return count
-
-    return count
+    start = 1 if shift else 0
+    total = 0
+    for row in labels:
+        values = row.tolist() if isinstance(row, torch.Tensor) else row
+        total += sum(1 for v in values[start:] if v != ignore_index)
+    return total
 
 
 def check_loss(loss: object, where: str) -> torch.Tensor:

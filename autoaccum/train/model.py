@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +19,7 @@ __all__ = [
     "min_micro",
     "model_device",
     "train_mode",
+    "warn_outside_optimizer",
 ]
 
 
@@ -27,6 +29,12 @@ def check_model(model: object) -> nn.Module:
         raise ConfigError(
             f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in "
             "an nn.Module subclass whose forward calls it"
+        )
+    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
+        raise ConfigError(
+            f"{type(model).__name__} has tensors on the 'meta' device, which hold no data: "
+            "materialise the model first (model.to_empty(device=...) and initialise it, or "
+            "load a state dict with load_state_dict(..., assign=True))"
         )
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(
@@ -58,6 +66,24 @@ def check_model_optimizer(model: nn.Module, optimizer: object) -> torch.optim.Op
             "e.g. torch.optim.AdamW(model.parameters()), after moving the model to its device"
         )
     return optimizer
+
+
+def warn_outside_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """One warning naming the model's trainable parameters that ``optimizer`` does not hold:
+    they get gradients every window but are never updated (a frozen-body phase whose
+    parameters were left trainable, say). Their gradients are cleared every window."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if not outside:
+        return
+    listed = ", ".join(outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+    warnings.warn(
+        f"{len(outside)} trainable parameter(s) of {type(model).__name__} are not in the "
+        f"optimizer ({listed}): they get gradients but are never updated. Freeze them "
+        "(requires_grad_(False)) or add them to the optimizer",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -89,6 +89,7 @@ class Run:
         """Write a checkpoint of this window boundary (every rank must call it; rank 0 writes
         the file and gets its path)."""
         acc = self.acc
+        acc.guard.agree("saving a checkpoint", where="saving a checkpoint")  # all ranks, or none
         source = acc.source(self.data)
         states = acc.agreement.gather(ckpt.random_state(source.epoch_state(self.position.epoch)))
         payload = {
@@ -151,18 +152,20 @@ class Run:
             skip = self.position.window if epoch == first else 0
             if epoch > first or self._resumed is None:
                 self._move(epoch=epoch, window=0, epochs_started=epoch + 1)
-            trained = self._epoch(epoch, skip)
+            trained, finished = self._epoch(epoch, skip)
             if trained == 0 and skip == 0 and epoch > 0:
                 raise ConfigError(
                     f"epoch {epoch} yielded no data: the loader is a one-shot iterator that was "
                     "used up by the previous epoch. Pass a re-iterable (a DataLoader or a list "
                     "of batches) to train for several epochs"
                 )
-            if not self._done():
+            if finished:  # its last window trained, also when that was the run's last step
                 self._call("on_epoch_end")
         self._call("on_train_end")
 
-    def _epoch(self, epoch: int, skip: int) -> int:
+    def _epoch(self, epoch: int, skip: int) -> tuple[int, bool]:
+        """Train ``epoch`` from window ``skip``: (windows trained, whether the epoch's last
+        window was trained)."""
         acc = self.acc
         if self._resumed is not None:  # draw the epoch's order again, then continue from now
             acc.source(self.data).restore_epoch(epoch, self._resumed["epoch_draw"])
@@ -170,7 +173,8 @@ class Run:
             now.restore()
             self._resumed = None
         trained = 0
-        for window in acc.windows(self.data, epoch, skip=skip):
+        windows = acc.windows(self.data, epoch, skip=skip)
+        for window in windows:
             changes = len(acc.resizer.resizes)
             outcome = acc.train_window(window)
             trained += 1
@@ -187,12 +191,23 @@ class Run:
             for resize in acc.resizer.resizes[changes:]:
                 self._call("on_oom", resize)
             self._call("on_step")
-            asked = acc.guard.agree(stop=self._stop_asked is not None, where="a callback")
+            asked = acc.guard.agree(
+                "the stop check after a step's callbacks",
+                stop=self._stop_asked is not None,
+                where="a callback",
+            )
             if asked.stop:
                 self.stopped = self._stop_asked or "a callback on another rank asked"
             if self._done():
-                break
-        return trained
+                return trained, self._was_last(window.index)
+        return trained, True
+
+    def _was_last(self, index: int) -> bool:
+        """Whether window ``index`` was its epoch's last, known without reading the data
+        ahead; where the epoch's length is unknown, it was not taken to be."""
+        assert self.acc.plan is not None  # a run trains a planned accumulator
+        count = self.acc.source(self.data).num_windows(self.acc.plan)
+        return count is not None and index + 1 >= count
 
     def _move(self, **changes: Any) -> None:
         self.position = ckpt.Position(**{**vars(self.position), **changes})

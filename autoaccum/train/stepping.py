@@ -35,7 +35,7 @@ from autoaccum.train.window import (
     window_samples,
 )
 
-__all__ = ["SYNC_MODES", "Stepping", "resolve_sync"]
+__all__ = ["SYNC_MODES", "Stepping", "check_sync", "resolve_sync"]
 
 #: How a multi-rank window reduces its gradients (see the accumulator).
 SYNC_MODES = ("auto", "deferred", "overlap")
@@ -67,13 +67,31 @@ class Stepping:
     def begin(self, window: TrainWindow) -> list[Micro]:
         """Count the window's items (all ranks) and weigh its micro-batches; called by iterating
         a :class:`TrainWindow`. Starting a new window while one is open is an error."""
-        if self._open is not None and self._open[0] is not window:
-            index = self._open[0].index
-            self.abort()
+        if window.applied:
             raise ConfigError(
-                f"a new window was started while window {index} still waited for step(): call "
-                "acc.step() after the micro-steps of each window (that window was dropped)"
+                f"window {window.index} of epoch {window.epoch} was already applied by step(); "
+                "each window trains once: take the next one from acc.windows(...)"
             )
+        if self._open is not None:
+            current, _, open_state = self._open
+            if current is not window:
+                self.abort()
+                raise ConfigError(
+                    f"a new window was started while window {current.index} still waited "
+                    "for step(): call acc.step() after the micro-steps of each window (that "
+                    "window was dropped)"
+                )
+            if open_state.done:
+                done = open_state.done
+                self.abort()
+                raise ConfigError(
+                    f"window {window.index} was iterated again after {done} of its micro-batches "
+                    "went through backward(): each micro-batch goes through backward() once per "
+                    "window, then step() (the window was dropped, nothing of it applied)"
+                )
+        # every window starts from zero gradients on every trainable parameter of the model:
+        # none left by the user's own backward before, or by parameters the optimizer lacks
+        self.module.zero_grad(set_to_none=True)
         where = self.where(window.data)
         batches = window.data.micro_batches
 
@@ -86,13 +104,16 @@ class Stepping:
 
         counts = self.guard.run(count)
         agreed = self.guard.agree(
-            items=sum(counts), samples=window_samples(batches), steps=len(batches)
+            "counting a window's items",
+            items=sum(counts),
+            samples=window_samples(batches),
+            each=len(batches),
         )
         check_items(agreed.items, where)
         micros, state = open_window(
             window, counts, agreed.items, agreed.samples, self.agreement.ranks, self.device
         )
-        state.most_steps = max(agreed.steps)
+        state.most_steps = max(agreed.each)
         self._buffers.save(self.module)
         if self.prefetch:
             state.upcoming = to_device(micros[0].batch, self.device, non_blocking=True)
@@ -192,7 +213,7 @@ class Stepping:
                 "(the window was dropped, nothing of it applied)"
             )
         where = self.where(window.data)
-        agreed = self.guard.agree(loss=float(state.loss_sum))
+        agreed = self.guard.agree("the window's loss", loss=float(state.loss_sum))
         window_loss = agreed.loss / state.items
         if not math.isfinite(window_loss):
             self.abort()
@@ -201,18 +222,22 @@ class Stepping:
             )
             raise NonFiniteLossError(message)
         self._open = None
+        window.applied = True  # from here on nothing of the window is run again
         self.steps += 1
-        if self.sync == "deferred":
-            D.reduce_gradients(self.module, self.dist)
-            if getattr(self.model, "broadcast_buffers", False):
-                D.broadcast_buffers(self.module, self.dist)
-        stepped = self.guard.update(
-            lambda: apply_update(
-                self.optimizer, self.scaler, self.scheduler, self.max_grad_norm, window_loss
-            ),
-            where,
-        )
-        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            if self.sync == "deferred":
+                D.reduce_gradients(self.module, self.dist)
+                if getattr(self.model, "broadcast_buffers", False):
+                    D.broadcast_buffers(self.module, self.dist)
+            stepped = self.guard.update(
+                lambda: apply_update(
+                    self.optimizer, self.scaler, self.scheduler, self.max_grad_norm, window_loss
+                ),
+                where,
+            )
+        finally:  # applied or failed, the window's gradients are gone
+            self.optimizer.zero_grad(set_to_none=True)
+            self.module.zero_grad(set_to_none=True)
         return StepOutcome(window_loss, state.samples, state.items, stepped)
 
     def most_steps(self) -> int:
@@ -230,9 +255,14 @@ class Stepping:
         D.drop_unsynced_grads(self.model)
 
 
-def resolve_sync(sync: str, model: nn.Module, info: D.DistInfo) -> str:
+def check_sync(sync: object) -> str:
     if sync not in SYNC_MODES:
         raise ConfigError(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}")
+    return str(sync)
+
+
+def resolve_sync(sync: str, model: nn.Module, info: D.DistInfo) -> str:
+    check_sync(sync)
     if not info.active or info.world_size == 1:
         return "deferred"  # one rank: nothing to reduce, no collective in a micro-step
     if D.is_fsdp2(model):

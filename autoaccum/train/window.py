@@ -16,6 +16,7 @@ dropped.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -80,6 +81,8 @@ class TrainWindow:
     def __init__(self, accumulator: _Opener, window: Window) -> None:
         self.accumulator = accumulator
         self.data = window
+        self._origin = self  #: the window as windows() yielded it (recut ones share its fate)
+        self._applied = False
 
     @property
     def epoch(self) -> int:
@@ -95,6 +98,25 @@ class TrainWindow:
 
     def __len__(self) -> int:
         return len(self.data.micro_batches)
+
+    @property
+    def applied(self) -> bool:
+        """step() took this window's samples to the optimizer: they never train again."""
+        return self._origin._applied
+
+    @applied.setter
+    def applied(self, value: bool) -> None:
+        self._origin._applied = value
+
+    def recut(self, micro_batches: Sequence[Any]) -> TrainWindow:
+        """This window with its samples cut into other micro-batches (itself when unchanged);
+        applying either applies both."""
+        if list(micro_batches) == list(self.data.micro_batches):
+            return self
+        data = dataclasses.replace(self.data, micro_batches=tuple(micro_batches))
+        recut = TrainWindow(self.accumulator, data)
+        recut._origin = self._origin
+        return recut
 
     def __iter__(self) -> Iterator[Micro]:
         return iter(self.accumulator.begin(self))

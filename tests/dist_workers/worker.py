@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 import autoaccum
 from autoaccum.errors import DistributedError, PlanError
+from autoaccum.train.callbacks import Callback, Checkpoint, Evaluate, RunView
 from dist_workers.common import WORLD, Faults, bn_mlp, faulty_mlp
 
 TIMEOUT = timedelta(seconds=30)
@@ -318,6 +319,71 @@ def failure_env(rank: int) -> dict[str, Any]:
     raise AssertionError("fit went on after a rank failed")
 
 
+class FailOnRank1(Callback):
+    """A user's callback that raises on rank 1 at step 2 (rank 0 carries on)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_step(self, run: RunView) -> None:
+        if self.rank == 1 and run.state().step == 2:
+            raise ValueError("a bug in rank 1's callback")
+
+
+class SaveOnRank0(Callback):
+    """The usual DDP habit, ``if rank == 0: save``: every rank must call it here."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_step(self, run: RunView) -> None:
+        if self.rank == 0:
+            run.save_checkpoint(OUT / "rank0-only")
+
+
+def callback_faults(rank: int) -> dict[str, Any]:
+    """Callbacks and settings that part the ranks: each must end every rank promptly, with an
+    error saying what happened, instead of one rank waiting in a collective."""
+    import time
+
+    def evaluating_loss(model: nn.Module, batch: Any) -> Any:
+        if rank == 1 and not torch.is_grad_enabled():
+            raise ValueError("a bug in rank 1's evaluation")
+        return ce(model, batch)
+
+    loader = DataLoader(samples(40), batch_size=4)
+    cases: dict[str, dict[str, Any]] = {
+        "fault_then_checkpoint": {
+            "callbacks": [FailOnRank1(rank), Checkpoint(OUT / f"ckpt-{rank}", every=1)]
+        },
+        "fault_then_evaluate": {"callbacks": [FailOnRank1(rank), Evaluate(loader, every=1)]},
+        "fault_in_evaluation": {
+            "callbacks": [Evaluate(loader, every=2)],
+            "loss_fn": evaluating_loss,
+        },
+        "save_on_rank0_only": {"callbacks": [SaveOnRank0(rank)]},
+        "targets_differ": {"target": 8 if rank == 0 else 12},
+        "datasets_differ": {"data": loader if rank == 0 else DataLoader(samples(32), batch_size=4)},
+    }
+    out: dict[str, Any] = {}
+    for name, case in cases.items():
+        start = time.monotonic()
+        try:
+            fit_sgd(
+                mlp(),
+                case.get("data", loader),
+                case.get("target", 8),
+                loss_fn=case.get("loss_fn", ce),
+                max_micro=4,
+                callbacks=case.get("callbacks", ()),
+            )
+        except Exception as exc:
+            out[name] = (type(exc).__name__, str(exc), time.monotonic() - start)
+        else:
+            out[name] = ("no error", "", time.monotonic() - start)
+    return out
+
+
 OUT = Path(".")  #: the test's folder (set by main): where shared files go
 
 
@@ -355,6 +421,7 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "oom_recovery": oom_recovery,
     "failures": failures,
     "failure_env": failure_env,
+    "callback_faults": callback_faults,
     "resume_first": resume_first,
     "resume_second": resume_second,
 }

@@ -41,6 +41,10 @@ class IterableWindows:
             return sum(measure(batch, i) for i, batch in enumerate(self.data))
         return None
 
+    def dataset_size(self) -> None:
+        """None: each rank's iterable is its own (rank-local) data."""
+        return
+
     def num_windows(self, plan: Plan) -> int | None:
         samples = self.samples_per_epoch()
         return None if samples is None else -(-samples // plan.per_rank)

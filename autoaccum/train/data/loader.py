@@ -139,6 +139,13 @@ class LoaderWindows:
             return None
         return len(self._sampler)
 
+    def dataset_size(self) -> int | None:
+        """The dataset's length (every rank reads its share of it), None when unknown."""
+        try:
+            return len(self.loader.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
     def num_windows(self, plan: Plan) -> int | None:
         """Windows (optimizer steps) per epoch on this rank, or None when not knowable."""
         samples = self.samples_per_epoch()
