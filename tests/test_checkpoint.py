@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import mlp
+from helpers import OOM, mlp
 from reference import ce, samples
 from resume_job import job
 from torch import nn
@@ -126,6 +126,53 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path: Path) -> 
     assert checkpoint.load(folder).position.steps == 5
 
 
+def test_the_plan_the_probe_and_the_resizes_come_back_without_probing_again(
+    tmp_path: Path,
+) -> None:
+    """A probed plan (no max_micro), then an out-of-memory error in training (resized from 4
+    to 3): the resumed run keeps all three as they were, to the trials' timings."""
+    folder = tmp_path / "ckpt"
+    data = DataLoader(samples(40), batch_size=8)
+
+    def fit(model: nn.Module, **kwargs: Any) -> autoaccum.FitResult:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return autoaccum.fit(
+            model, data, 8, loss_fn=ce, optimizer=optimizer, device="cpu", progress=False,
+            report=False, **kwargs,
+        )  # fmt: skip
+
+    class Limited(nn.Module):
+        def __init__(self, limit: int) -> None:
+            super().__init__()
+            self.net, self.limit = mlp(), limit
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and x.shape[0] > self.limit:
+                raise OOM(f"CUDA out of memory. Tried to allocate {x.shape[0]} MiB (injected)")
+            return self.net(x)
+
+    class Tighter(Callback):  # after the probe, less memory than it found: a resize follows
+        def on_train_start(self, run: RunView) -> None:
+            model.limit = run.plan.micro_batch - 1
+
+    model = Limited(6)
+    with pytest.warns(UserWarning, match="out of memory"):
+        first = fit(model, max_steps=2, callbacks=[Tighter(), Checkpoint(folder, every=2)])
+    assert first.probe is not None
+    assert first.probe.trials
+    assert [(r.new, r.reason) for r in first.resizes] == [(model.limit, "oom")]
+    saved = checkpoint.load(folder)
+    assert (saved.plan, saved.probe, saved.resizer.resizes) == (
+        first.plan,
+        first.probe,
+        first.resizes,
+    )
+    resumed = fit(Limited(model.limit), max_steps=4, resume=folder)
+    assert resumed.probe == first.probe  # not probed again: the very trials, timings included
+    assert resumed.resizes == first.resizes
+    assert resumed.plan == first.plan
+
+
 class Steps(Callback):
     def __init__(self) -> None:
         self.steps = 0
@@ -193,6 +240,38 @@ def test_keep_and_the_sweep_delete_only_what_this_run_wrote(tmp_path: Path) -> N
     assert result.optimizer_steps == 5
     assert _names(folder) == sorted([*users, "latest", "step-00000005.pt"])
     assert all((folder / name).read_bytes() == data for name, data in users.items())
+
+
+class AnotherRunMeanwhile(Callback):
+    """After this run's first step, a second run trains into the same folder (its own fit)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_step(self, run: RunView) -> None:
+        if run.state().step == 1:
+            _fit(mlp(seed=2), max_steps=2, callbacks=[Checkpoint(self.folder, every=1)])
+
+
+def test_two_runs_writing_into_one_folder_never_overwrite_each_other(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    with pytest.raises(ConfigError, match=r"another run writes checkpoints to .* same time"):
+        _fit(callbacks=[AnotherRunMeanwhile(folder), Checkpoint(folder, every=2)])
+    other = checkpoint.load(folder)  # the run that wrote first keeps its files
+    assert _names(folder) == ["latest", "step-00000001.pt", "step-00000002.pt"]
+    assert checkpoint.read(folder / "step-00000001.pt").run_id == other.run_id
+
+
+def test_what_is_in_the_way_of_a_checkpoint_is_never_overwritten(tmp_path: Path) -> None:
+    """A directory of a checkpoint's name is passed over when looking for checkpoints, and
+    refused, untouched, when the run reaches its step."""
+    folder = tmp_path / "ckpt"
+    (folder / "step-00000002.pt").mkdir(parents=True)
+    (folder / "step-00000002.pt" / "mine").write_text("kept")
+    with pytest.raises(ConfigError, match=r"step-00000002.pt is in the way"):
+        _fit(callbacks=[Checkpoint(folder, every=1)])
+    assert (folder / "step-00000002.pt" / "mine").read_text() == "kept"
+    assert checkpoint.load(folder).position.steps == 1
 
 
 def _crash_at_save(monkeypatch: pytest.MonkeyPatch, at: int, error: OSError) -> None:

@@ -143,6 +143,7 @@ def test_lbfgs_state_round_trips_though_fit_cannot_step_it() -> None:
 
     optimizer.step(closure)
     taken = copy.deepcopy(checkpoint_state.take(model, optimizer))  # as a file would hold it
+    assert taken is not None
     twin = mlp(seed=5)
     other = torch.optim.LBFGS(twin.parameters(), lr=0.5, max_iter=3)
     saved = checkpoint.OptimizerState(

@@ -90,9 +90,14 @@ def _cpu(value: Any) -> Any:
     return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
-def take(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The model's and the optimizer's full state on the CPU, keyed by parameter names (every
-    rank must call it: FSDP2 gathers the shards; only rank 0's result is complete then)."""
+def take(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, writer: bool = True
+) -> dict[str, Any] | None:
+    """The model's and the optimizer's full state on the CPU, keyed by parameter names, for
+    the rank that writes it (``writer``; None on the others). Every rank must call it: FSDP2
+    gathers the shards; DDP's full state is on every rank, so the others copy nothing."""
+    if not writer and not D.is_fsdp2(model):
+        return None
     if D.is_fsdp2(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -115,6 +120,8 @@ def take(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
                 {**g, "params": [index[i] for i in g["params"]]} for g in native["param_groups"]
             ],
         }
+    if not writer:
+        return None
     return {
         "model": model_state,
         "optimizer": optimizer_state,

@@ -109,8 +109,8 @@ class Run:
             now = RngState.capture()
             draw = acc.source(self.data).epoch_state(self.position.epoch)
         states = acc.agreement.gather(encode_random(now, draw))
-        tensors = checkpoint_state.take(acc.model, acc.optimizer)
-        if acc.dist.rank != 0:
+        tensors = checkpoint_state.take(acc.model, acc.optimizer, writer=acc.dist.rank == 0)
+        if tensors is None:  # rank 0 writes
             return None
         scheduler = checkpoint_state.scheduler_state(acc.scheduler)
         payload = ckpt.prepare(
