@@ -4,7 +4,7 @@ For SGD without momentum (no optimizer state) and AdamW (sharded state): 4 steps
 with a checkpoint after 2, then a resume from that checkpoint to 4; each rank saves the full
 parameters of both (gathered) to ``OUT/rank{R}.pt``. Then, with DDP: ``resume="auto"`` on an
 empty folder (what each rank was told, the run id each rank saw), and a checkpoint folder
-that cannot be made (the error each rank ends with, and how soon).
+that cannot be made, on a BatchNorm model (the error each rank ends with, and how soon).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from dist_workers.common import bn_mlp
 from helpers import mlp
 from reference import ce, samples
 from torch import nn
@@ -68,8 +69,8 @@ class RunId(Callback):
 def plain(out: Path, rank: int) -> dict[str, Any]:
     """DDP: resume="auto" into an empty folder; a folder under a regular file."""
 
-    def fit(callbacks: list[Any], **kwargs: Any) -> None:
-        model = mlp()
+    def fit(callbacks: list[Any], model: nn.Module | None = None, **kwargs: Any) -> None:
+        model = model if model is not None else mlp()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         data = DataLoader(samples(32), batch_size=4)
         autoaccum.fit(
@@ -87,7 +88,10 @@ def plain(out: Path, rank: int) -> dict[str, Any]:
     dist.barrier()
     started = time.monotonic()
     try:
-        fit([Checkpoint(out / "afile" / "ckpt", every=2)], max_steps=2)
+        # BatchNorm, overlapped sync: DDP's forward broadcasts the buffers, a collective
+        # outside the ranks' exchange that rank 0 would never join
+        folder = out / "afile" / "ckpt"
+        fit([Checkpoint(folder, every=2)], bn_mlp(), max_steps=2, sync="overlap")
         error: tuple[str, str, float] | None = None
     except Exception as exc:
         error = (type(exc).__name__, str(exc), time.monotonic() - started)

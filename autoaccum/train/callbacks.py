@@ -1,9 +1,9 @@
 """Acting along the way: the callbacks a run calls, and the ones a user reaches for.
 
 A callback is any object with some of ``on_train_start(run)`` (once, before the first step),
-``on_step(run)`` (after every optimizer step),
-``on_epoch_end(run)``, ``on_oom(run, resize)`` (after the micro-batch changed) and
-``on_train_end(run)``; :class:`Callback` is a base class with all of them doing nothing.
+``on_step(run)`` (after every optimizer step), ``on_epoch_end(run)``, ``on_oom(run,
+resize)`` (after the micro-batch changed) and ``on_train_end(run)``; :class:`Callback` is a
+base class with all of them doing nothing.
 ``run`` is the run in progress (:class:`RunView`): ``run.state()`` says where it stands,
 ``run.stop()`` ends it after this step (on every rank), ``run.save_checkpoint(...)`` and
 ``run.evaluate(...)`` do what the built-ins do. Callbacks run on every rank (a checkpoint or
@@ -11,7 +11,8 @@ an evaluation needs every rank); the built-ins write files on rank 0 only.
 
 Built in: :class:`Evaluate` (a second loader every N steps, without gradients, with its own
 probed micro-batch), :class:`JsonLog` (a JSON line per step and per event) and
-:class:`Checkpoint` (every N steps, atomically, the last K kept).
+:class:`Checkpoint` (every N steps, atomically, this run's last K kept). Both check before the
+first step that they can write where they are told to.
 """
 
 from __future__ import annotations

@@ -256,8 +256,6 @@ class Folder:
         for path in self.path.iterdir():
             match = _TEMP.match(path.name)
             if match is not None and (every_run or match.group(1) == self.run_id):
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     if stat.S_ISREG(path.lstat().st_mode):
                         path.unlink()
-                except FileNotFoundError:
-                    pass

@@ -201,11 +201,11 @@ class Run:
 
     def _start(self) -> None:
         """Before the first step: the run's id (rank 0's on every rank; a resumed run keeps
-        its own), then every callback's ``on_train_start``, agreed on by every rank."""
+        its own), then every callback's ``on_train_start`` (a rank that fails there tells the
+        others in the first window's exchange)."""
         if not self._continued:
             self.run_id = str(self.acc.agreement.gather(self.run_id)[0])
         self._call("on_train_start")
-        self.acc.guard.agree(where="the callbacks' on_train_start")
 
     # ------------------------------------------------------------------ the loop
 
