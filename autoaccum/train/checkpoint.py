@@ -134,7 +134,9 @@ def _consistent(saved: Saved) -> str | None:
         return f"the plan's micro_sizes {sizes} do not add up to its target_batch"
     if (plan.micro_batch, plan.accum_iter) != (max(sizes), len(sizes)):
         return "the plan's micro_batch or accum_iter do not match its micro_sizes"
-    if min(p.epoch, p.window, p.steps, p.samples, p.skipped, p.epochs_started) < 0:
+    if not 1 <= plan.min_micro <= min(sizes) or plan.max_micro < plan.micro_batch:
+        return "the plan's min_micro or max_micro do not match its micro_sizes"
+    if min(p.epoch, p.window, p.steps, p.samples, p.skipped, p.epochs_started, p.items) < 0:
         return "the position holds a negative count"
     if len(p.losses) != p.steps:
         return f"the position has {len(p.losses)} losses for {p.steps} steps"

@@ -9,7 +9,9 @@ save time, not a checkpoint that cannot be read later.
 
 What is loaded is checked key by key against the type hints of the dataclass it becomes
 (:func:`decode`): a file of the right format whose key is missing or of another type is a
-:class:`~autoaccum.errors.ConfigError` naming that key, never a ``KeyError`` later.
+:class:`~autoaccum.errors.ConfigError` naming that key, never a ``KeyError`` later. State
+that is free-form (an optimizer's hyper-parameters, a scheduler's) is checked against the
+live value it replaces (:func:`check_like`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from autoaccum.errors import ConfigError
 
-__all__ = ["check_loadable", "decode", "describe", "encode"]
+__all__ = ["check_like", "check_loadable", "decode", "describe", "encode"]
 
 
 def encode(value: Any) -> Any:
@@ -224,3 +226,42 @@ def decode(hint: Any, value: Any, key: str) -> Any:
     if isinstance(hint, type) and not isinstance(value, hint):
         raise _wrong(key, value, hint)
     return value
+
+
+# --------------------------------------------------------------------------- alike
+
+
+def _number(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, (int, float))
+
+
+def check_like(saved: Any, live: Any, key: str) -> None:
+    """A :class:`ConfigError` when ``saved`` is not of the kind of ``live``, the value it is to
+    replace (a number for a number, a string for a string, a list of as many items...),
+    checked where both have the key; None on either side matches anything."""
+    if saved is None or live is None:
+        return
+    if isinstance(live, (bool, int, float)):
+        same = _number(saved)
+    elif isinstance(live, str):
+        same = isinstance(saved, str)
+    elif isinstance(live, torch.Tensor):
+        same = isinstance(saved, torch.Tensor) or (_number(saved) and live.numel() == 1)
+    elif isinstance(live, Mapping):
+        if not isinstance(saved, Mapping):
+            raise ConfigError(f"{key} is {describe(saved)}, expected a dict")
+        for name in saved.keys() & live.keys():
+            check_like(saved[name], live[name], f"{key}[{name!r}]")
+        return
+    elif isinstance(live, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
+            raise ConfigError(f"{key} is {describe(saved)}, expected {len(live)} items")
+        for i, (a, b) in enumerate(zip(saved, live, strict=True)):
+            check_like(a, b, f"{key}[{i}]")
+        return
+    else:
+        return
+    if not same:
+        raise ConfigError(f"{key} is {describe(saved)}, expected {describe(live)} or alike")

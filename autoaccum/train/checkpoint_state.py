@@ -19,10 +19,9 @@ from torch import nn
 
 from autoaccum import distributed as D
 from autoaccum.errors import ConfigError
-from autoaccum.train.checkpoint_codec import describe
+from autoaccum.train.checkpoint_codec import check_like, describe
 
 __all__ = [
-    "check_like",
     "check_model",
     "check_optimizer",
     "check_schedule",
@@ -245,42 +244,6 @@ def check_schedule(scheduler: Any, scaler: Any, saved: Any, where: str) -> None:
             "one: nothing was loaded. Pass the precision the run was taken with"
         )
     check_like(saved.scaler, live, "scaler")
-
-
-def _number(value: object) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.numel() == 1
-    return isinstance(value, (int, float))
-
-
-def check_like(saved: Any, live: Any, key: str) -> None:
-    """A :class:`ConfigError` when ``saved`` is not of the kind of ``live``, the value it is to
-    replace (a number for a number, a string for a string, a list of as many items...),
-    checked where both have the key; None on either side matches anything."""
-    if saved is None or live is None:
-        return
-    if isinstance(live, (bool, int, float)):
-        same = _number(saved)
-    elif isinstance(live, str):
-        same = isinstance(saved, str)
-    elif isinstance(live, torch.Tensor):
-        same = isinstance(saved, torch.Tensor) or (_number(saved) and live.numel() == 1)
-    elif isinstance(live, Mapping):
-        if not isinstance(saved, Mapping):
-            raise ConfigError(f"{key} is {describe(saved)}, expected a dict")
-        for name in saved.keys() & live.keys():
-            check_like(saved[name], live[name], f"{key}[{name!r}]")
-        return
-    elif isinstance(live, (list, tuple)):
-        if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
-            raise ConfigError(f"{key} is {describe(saved)}, expected {len(live)} items")
-        for i, (a, b) in enumerate(zip(saved, live, strict=True)):
-            check_like(a, b, f"{key}[{i}]")
-        return
-    else:
-        return
-    if not same:
-        raise ConfigError(f"{key} is {describe(saved)}, expected {describe(live)} or alike")
 
 
 # --------------------------------------------------------------------------- loading
