@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,3 +61,27 @@ def hide_package(monkeypatch: pytest.MonkeyPatch, package: str, *importers: str)
     monkeypatch.setitem(sys.modules, package, None)
     for name in importers:
         monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` made unwritable for this process: immutable for root, else mode 0o555."""
+    if os.geteuid() == 0:  # permissions do not bind root: the immutable attribute does
+        try:
+            done = subprocess.run(
+                ["chattr", "+i", str(folder)], capture_output=True, check=False, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            done = None
+        if done is None or done.returncode != 0:
+            pytest.skip("cannot make a folder read-only as root here (chattr +i failed)")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True, timeout=10)
+    else:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)

@@ -159,3 +159,53 @@ def test_evaluation_data_found_empty_when_read_is_named() -> None:
     model = mlp()
     with pytest.raises(autoaccum.BatchError, match="the evaluation data"):
         _fit(model, [Evaluate(iter([]), every=1)])
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_the_json_log_writes_nan_as_null_so_every_line_is_json(tmp_path: Path) -> None:
+    """An evaluation whose loss is NaN (its data holds a NaN) is logged as null."""
+    log = tmp_path / "train.jsonl"
+    poisoned = samples(6, seed=2)
+    poisoned.tensors[0][0, 0] = float("nan")
+    _fit(mlp(), [Evaluate(DataLoader(poisoned), every=5, max_micro=2), JsonLog(log)])
+    lines = [
+        json.loads(line, parse_constant=_no_constants) for line in log.read_text().splitlines()
+    ]
+    evaluations = [line for line in lines if line["event"] == "eval"]
+    assert evaluations == [{"event": "eval", "step": 5, "eval_loss": None}]
+    assert all(isinstance(line["loss"], float) for line in lines if line["event"] == "step")
+
+
+def test_an_unwritable_json_log_is_found_before_the_first_step(tmp_path: Path) -> None:
+    from helpers import read_only
+
+    afile = tmp_path / "afile"
+    afile.write_text("a file")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    for path, reason in [
+        (afile / "train.jsonl", f"{afile} exists and is not a folder"),
+        (afile / "logs" / "train.jsonl", "Not a directory"),
+        (tmp_path, "Is a directory"),
+        (locked / "train.jsonl", "(Permission denied|Operation not permitted)"),
+    ]:
+        recorder = Recorder()
+        with read_only(locked), pytest.raises(autoaccum.ConfigError, match=f"{path}: {reason}"):
+            _fit(mlp(), [recorder, JsonLog(path)])
+        assert not [kind for kind, _ in recorder.events if kind == "step"]
+
+
+def test_on_train_start_is_called_once_before_the_first_step() -> None:
+    class Starts(Recorder):
+        def on_train_start(self, run: RunView) -> None:
+            self.events.append(("start", run.run_id))
+
+    recorder = Starts()
+    _fit(mlp(), [recorder], max_steps=2)
+    kinds = [kind for kind, _ in recorder.events]
+    assert kinds == ["start", "step", "step", "end"]
+    assert isinstance(recorder.events[0][1], str)
+    assert len(recorder.events[0][1]) == 32

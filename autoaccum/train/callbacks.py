@@ -1,8 +1,9 @@
 """Acting along the way: the callbacks a run calls, and the ones a user reaches for.
 
-A callback is any object with some of ``on_step(run)`` (after every optimizer step),
-``on_epoch_end(run)``, ``on_oom(run, resize)`` (after the micro-batch changed) and
-``on_train_end(run)``; :class:`Callback` is a base class with all of them doing nothing.
+A callback is any object with some of ``on_train_start(run)`` (once, before the first step),
+``on_step(run)`` (after every optimizer step), ``on_epoch_end(run)``, ``on_oom(run,
+resize)`` (after the micro-batch changed) and ``on_train_end(run)``; :class:`Callback` is a
+base class with all of them doing nothing.
 ``run`` is the run in progress (:class:`RunView`): ``run.state()`` says where it stands,
 ``run.stop()`` ends it after this step (on every rank), ``run.save_checkpoint(...)`` and
 ``run.evaluate(...)`` do what the built-ins do. Callbacks run on every rank (a checkpoint or
@@ -10,19 +11,21 @@ an evaluation needs every rank); the built-ins write files on rank 0 only.
 
 Built in: :class:`Evaluate` (a second loader every N steps, without gradients, with its own
 probed micro-batch), :class:`JsonLog` (a JSON line per step and per event) and
-:class:`Checkpoint` (every N steps, atomically, the last K kept).
+:class:`Checkpoint` (every N steps, atomically, this run's last K kept). Both check before the
+first step that they can write where they are told to.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from autoaccum.errors import check_count
+from autoaccum.errors import ConfigError, check_count
 from autoaccum.plan import Plan
 from autoaccum.results import Resize
 from autoaccum.train.evaluate import check_evaluation_data
@@ -51,6 +54,7 @@ class RunView(Protocol):
 
     plan: Plan
     metrics: list[dict[str, Any]]
+    run_id: str  #: the run's id, the same on every rank and after a resume
 
     def state(self) -> StepState: ...
 
@@ -58,11 +62,19 @@ class RunView(Protocol):
 
     def save_checkpoint(self, directory: str | os.PathLike[str], keep: int = 3) -> Path | None: ...
 
+    def claim_checkpoints(
+        self, directory: str | os.PathLike[str], *, overwrite: bool = False
+    ) -> None: ...
+
     def evaluate(self, data: Iterable[Any], *, max_micro: int | None = None) -> float: ...
 
 
 class Callback:
     """A base class whose hooks do nothing; override the ones you need."""
+
+    def on_train_start(self, run: RunView) -> None:
+        """Once, before the first step (after the plan is made and a resume is loaded): the
+        place to check what must work later, e.g. that a file can be written."""
 
     def on_step(self, run: RunView) -> None:
         """After every optimizer step (``run.state()`` describes it)."""
@@ -121,19 +133,38 @@ class Evaluate(Every):
 
 class JsonLog(Callback):
     """Appends one JSON object per line to ``path`` (rank 0 only): every ``every``-th step's
-    state, every micro-batch change and every evaluation."""
+    state, every micro-batch change and every evaluation. Every line is strict JSON: a NaN
+    or infinite number is written as ``null``."""
 
     def __init__(self, path: str | os.PathLike[str], *, every: int = 1) -> None:
         self.path = Path(path)
         self.every = check_count("every", every)
         self._metrics = 0
 
+    def on_train_start(self, run: RunView) -> None:
+        if run.state().rank != 0:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a"):
+                pass
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if isinstance(exc, FileExistsError):  # a file where its folder should be
+                reason = f"{exc.filename or self.path.parent} exists and is not a folder"
+            raise ConfigError(
+                f"JsonLog cannot write {self.path}: {reason}. Give it a file path this "
+                "process can create and append to"
+            ) from None
+        self._metrics = len(run.metrics)  # a resumed run's earlier ones were logged before
+
     def _write(self, run: RunView, record: dict[str, Any]) -> None:
         if run.state().rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(_strict(record), allow_nan=False, default=_plain)
         with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(line + "\n")
 
     def on_step(self, run: RunView) -> None:
         state = run.state()
@@ -153,16 +184,57 @@ class JsonLog(Callback):
         self._evaluations(run)  # those the end of training triggered
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with NaN and infinite floats as None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value for what ``json`` does not know: a one-number tensor or numpy scalar as its
+    number, anything else as its text."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return _strict(item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
 class Checkpoint(Every):
     """A checkpoint every ``every`` steps in ``directory`` (and at the end), written
-    atomically, the last ``keep`` kept; ``fit(..., resume=directory)`` continues exactly
-    from the newest."""
+    atomically, this run's last ``keep`` kept; ``fit(..., resume=directory)`` (or
+    ``resume="auto"``) continues exactly from the newest.
 
-    def __init__(self, directory: str | os.PathLike[str], *, every: int, keep: int = 3) -> None:
+    A new run refuses, before its first step, a folder that holds another run's checkpoints
+    (resume that run instead, or use another folder); ``overwrite=True`` starts a new run
+    there anyway, and its first checkpoint replaces those files. Only this run's files are
+    ever deleted otherwise."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        every: int,
+        keep: int = 3,
+        overwrite: bool = False,
+    ) -> None:
         super().__init__(every)
         self.directory = Path(directory)
         self.keep = check_count("keep", keep)
+        if not isinstance(overwrite, bool):
+            raise ConfigError(f"overwrite must be True or False, got {overwrite!r}")
+        self.overwrite = overwrite
         self.saved: list[Path] = []  #: the files written (rank 0)
+
+    def on_train_start(self, run: RunView) -> None:
+        run.claim_checkpoints(self.directory, overwrite=self.overwrite)
 
     def act(self, run: RunView, step: int) -> None:
         path = run.save_checkpoint(self.directory, keep=self.keep)

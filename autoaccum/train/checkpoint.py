@@ -4,41 +4,55 @@ A checkpoint holds everything a run needs to continue as if it had never stopped
 the optimizer, the scheduler and the GradScaler; the plan, the probe result and the
 micro-batch's changes (so a resumed run does not probe again unless the device changed);
 the position (epoch, windows done, optimizer steps, samples and items seen, the losses so
-far); and each rank's random state, both now and as it was when the epoch's order was drawn
-(so the epoch's permutation is drawn again, identically). State dicts are taken with
-``torch.distributed.checkpoint``'s full-state helpers, so DDP and FSDP2 models give the
-same, unsharded file.
+far); each rank's random state, both now and as it was when the epoch's order was drawn
+(so the epoch's permutation is drawn again, identically); the evaluations; and the run's id.
 
-Files are written atomically: to a temporary name, flushed to disk, then renamed, and a
-``latest`` pointer is renamed into place after them; a crash mid-write never leaves a
-corrupt checkpoint or pointer. The last ``keep`` checkpoints are kept.
+Loading never runs code: files are read with ``torch.load(weights_only=True)`` and hold
+only tensors and plain data (:mod:`~autoaccum.train.checkpoint_codec`), checked key by key
+into :class:`Saved`. Resuming from a folder takes its newest readable checkpoint: a damaged
+newest one is passed over with a warning naming it. The folder on disk, its ``latest``
+pointer and which files a run may delete are :mod:`~autoaccum.train.checkpoint_files`'s.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_state_dict,
-)
 
 from autoaccum._version import __version__
 from autoaccum.errors import ConfigError
-from autoaccum.probing.state import RngState
+from autoaccum.plan import Plan
+from autoaccum.results import ProbeResult, Resize
+from autoaccum.train.callbacks import Checkpoint
+from autoaccum.train.checkpoint_codec import check_loadable, decode
+from autoaccum.train.checkpoint_files import read_pointer, step_files
+from autoaccum.train.checkpoint_random import SavedRandom
 
-__all__ = ["FORMAT", "Position", "latest", "load", "save"]
+__all__ = [
+    "FORMAT",
+    "OptimizerState",
+    "Position",
+    "ResizerState",
+    "Saved",
+    "check_compatible",
+    "device_identity",
+    "latest",
+    "load",
+    "newest",
+    "prepare",
+    "read",
+    "resume_from",
+]
 
 #: The checkpoint layout's version; a file of another version is refused with an error.
-FORMAT = 1
-_NAME = re.compile(r"^step-(\d+)\.pt$")
-_LATEST = "latest"
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -55,143 +69,246 @@ class Position:
     losses: tuple[float, ...]  #: every window loss so far
 
 
-def model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Full (unsharded) state dicts of the model and the optimizer, on the CPU. Every rank
-    must call it (FSDP2 gathers the shards)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    return {"model": model_sd, "optimizer": optim_sd}
+@dataclass(frozen=True)
+class OptimizerState:
+    """The optimizer's full state, keyed by parameter names."""
+
+    state: dict[str, dict[str, Any]]
+    param_groups: tuple[dict[str, Any], ...]
 
 
-def load_model_and_optimizer(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, payload: dict[str, Any]
-) -> None:
-    """Put the checkpoint's model and optimizer state back (sharding it again for FSDP2)."""
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=payload["model"],
-        optim_state_dict=payload["optimizer"],
-        options=StateDictOptions(full_state_dict=True),
-    )
+@dataclass(frozen=True)
+class ResizerState:
+    """:meth:`autoaccum.train.resize.Resizer.state_dict`, checked."""
+
+    ceiling: int | None
+    grow_after: int
+    resizes: tuple[Resize, ...]
+    oom_retries: int
+    failures: dict[int, int]
+    clean: int
 
 
-def random_state(epoch_draw: object | None) -> dict[str, Any]:
-    """This rank's random state now, and the state its current epoch's order was drawn from."""
-    return {"now": RngState.capture(), "epoch_draw": epoch_draw}
+@dataclass(frozen=True)
+class Saved:
+    """A checkpoint as loaded and checked: every key there, of its type."""
+
+    format: int
+    autoaccum: str  #: the version that wrote it
+    run_id: str
+    target_batch: int
+    world_size: int
+    device: dict[str, str | int]  #: the device the plan was probed on
+    model: dict[str, torch.Tensor]
+    optimizer: OptimizerState
+    optimizer_type: str
+    scheduler: dict[str, Any] | None
+    scheduler_type: str | None
+    scaler: dict[str, Any]
+    plan: Plan
+    probe: ProbeResult | None
+    resizer: ResizerState
+    position: Position
+    random: tuple[SavedRandom, ...]  #: each rank's, in rank order
+    metrics: tuple[dict[str, Any], ...]
+    path: str = ""  #: where it was read from
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # a platform without directory handles: the rename is what we have
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)
-
-
-def save(payload: dict[str, Any], directory: str | os.PathLike[str], keep: int) -> Path:
-    """Write ``payload`` as ``directory/step-NNNNNNNN.pt``, point ``latest`` at it, and keep
-    the newest ``keep`` checkpoints; atomically (see the module's doc)."""
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{payload['position'].steps:08d}.pt"
-    _write_atomically(path, lambda handle: torch.save(payload, handle))
-    _write_atomically(folder / _LATEST, lambda handle: handle.write(path.name.encode()))
-    steps = sorted(
-        (int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) is not None
-    )
-    for _, old in steps[:-keep]:
-        old.unlink(missing_ok=True)
-    for stale in folder.glob(".*.tmp-*"):  # what a crash mid-write left behind
-        if stale.name != f".{path.name}.tmp-{os.getpid()}":
-            stale.unlink(missing_ok=True)
-    return path
-
-
-def latest(directory: str | os.PathLike[str]) -> Path | None:
-    """The newest checkpoint in ``directory`` (its ``latest`` pointer), or None."""
-    folder = Path(directory)
-    pointer = folder / _LATEST
-    if pointer.is_file():
-        named = folder / pointer.read_text().strip()
-        if named.is_file():
-            return named
-    steps = sorted(
-        (int(m.group(1)), p) for p in folder.glob("step-*.pt") if (m := _NAME.match(p.name))
-    )
-    return steps[-1][1] if steps else None
-
-
-def load(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint at ``path`` (a file, or a directory: its newest checkpoint)."""
-    where = Path(path)
-    if where.is_dir():
-        found = latest(where)
-        if found is None:
-            raise ConfigError(f"no checkpoint in {where} (no step-*.pt file); check the path")
-        where = found
-    if not where.is_file():
-        raise ConfigError(f"no checkpoint at {where}: no such file or directory")
-    try:
-        payload: dict[str, Any] = torch.load(where, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ConfigError(f"{where} is not a readable autoaccum checkpoint: {exc}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        writer = payload.get("autoaccum") if isinstance(payload, dict) else None
-        raise ConfigError(
-            f"{where} is not an autoaccum checkpoint of format {FORMAT} (written by "
-            f"{f'autoaccum {writer}' if writer else 'another program'}); resume from a "
-            "checkpoint this version of autoaccum wrote"
-        )
-    payload["path"] = str(where)
-    return payload
-
-
-def check_compatible(payload: dict[str, Any], target_batch: int, world_size: int) -> None:
-    """A clear error when the checkpoint was taken for another target batch or world size:
-    its windows, and each rank's share of them, would not be the ones of this run."""
-    where = payload.get("path", "the checkpoint")
-    if payload["target_batch"] != target_batch:
-        raise ConfigError(
-            f"{where} was taken with target_batch={payload['target_batch']}, this run asks for "
-            f"{target_batch}: the windows it counted would not be this run's. Resume with "
-            f"target_batch={payload['target_batch']}, or start a new run without resume="
-        )
-    if payload["world_size"] != world_size:
-        raise ConfigError(
-            f"{where} was taken on {payload['world_size']} ranks, this run has {world_size}: "
-            "each rank's share of the data would differ, so the resume could not be exact. "
-            f"Resume on {payload['world_size']} ranks, or start a new run without resume="
-        )
-
-
-def header(target_batch: int, world_size: int, device: torch.device) -> dict[str, Any]:
-    """What identifies the run a checkpoint belongs to."""
-    return {
-        "format": FORMAT,
-        "autoaccum": __version__,
-        "target_batch": target_batch,
-        "world_size": world_size,
-        "device": device_identity(device),
-    }
-
-
-def device_identity(device: torch.device) -> dict[str, Any]:
+def device_identity(device: torch.device) -> dict[str, str | int]:
     """The device a plan was probed on: a resumed run on another one probes again."""
     if device.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
         return {"type": "cuda", "name": props.name, "total": int(props.total_memory)}
     return {"type": device.type}
+
+
+def _consistent(saved: Saved) -> str | None:
+    """What contradicts itself in a well-typed checkpoint, in words (None: nothing)."""
+    plan, p = saved.plan, saved.position
+    if saved.target_batch < 1 or saved.world_size < 1:
+        return "target_batch and world_size must be ≥ 1"
+    if (plan.target_batch, plan.world_size) != (saved.target_batch, saved.world_size):
+        return "the plan is for another target_batch or world_size than the checkpoint"
+    sizes = plan.micro_sizes
+    if not sizes or min(sizes) < 1 or sum(sizes) * plan.world_size != plan.target_batch:
+        return f"the plan's micro_sizes {sizes} do not add up to its target_batch"
+    if (plan.micro_batch, plan.accum_iter) != (max(sizes), len(sizes)):
+        return "the plan's micro_batch or accum_iter do not match its micro_sizes"
+    if not 1 <= plan.min_micro <= min(sizes) or plan.max_micro < plan.micro_batch:
+        return "the plan's min_micro or max_micro do not match its micro_sizes"
+    if min(p.epoch, p.window, p.steps, p.samples, p.skipped, p.epochs_started, p.items) < 0:
+        return "the position holds a negative count"
+    if len(p.losses) != p.steps:
+        return f"the position has {len(p.losses)} losses for {p.steps} steps"
+    if len(saved.random) != saved.world_size:
+        return f"random holds {len(saved.random)} ranks' states for {saved.world_size} ranks"
+    return None
+
+
+def prepare(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` (a :class:`Saved`'s fields as plain data) with its format marker, once it
+    is shown to load back safely and to check out as :class:`Saved`: an error naming the key
+    at save time rather than a checkpoint that cannot be resumed."""
+    payload = {"format": FORMAT, "autoaccum": __version__, **payload}
+    check_loadable(payload, "the checkpoint")
+    try:
+        contradiction = _consistent(decode(Saved, payload, ""))
+    except ConfigError as err:
+        raise ConfigError(f"cannot save the checkpoint: {err}") from None
+    if contradiction is not None:
+        raise ConfigError(f"cannot save the checkpoint: {contradiction}")
+    return payload
+
+
+def _unreadable(exc: Exception) -> str:
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found is not None and found.group(1).startswith("autoaccum."):
+        return (
+            "it was written by an older autoaccum, whose checkpoints held Python objects "
+            f"({found.group(1)}) that loading would have to run code for; this version reads "
+            f"only format {FORMAT}. Resume it with the version that wrote it, or start a new run"
+        )
+    if found is not None:
+        return (
+            f"it holds a Python object ({found.group(1)}) that loading would have to run code "
+            "for, which autoaccum never does (nothing of it was run)"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"it is damaged, truncated or no checkpoint ({first})"
+
+
+def read(path: str | os.PathLike[str]) -> Saved:
+    """The checkpoint file at ``path``, loaded without running code and checked; a
+    :class:`ConfigError` saying what is wrong otherwise."""
+    where = Path(path)
+    try:
+        raw = torch.load(where, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(
+            f"{where} is not a readable autoaccum checkpoint: {_unreadable(exc)}"
+        ) from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        writer = raw.get("autoaccum") if isinstance(raw, dict) else None
+        raise ConfigError(
+            f"{where} is not an autoaccum checkpoint of format {FORMAT} (written by "
+            f"{f'autoaccum {writer}' if isinstance(writer, str) else 'another program'}); "
+            "resume from a checkpoint this version of autoaccum wrote, or start a new run"
+        )
+    try:
+        saved: Saved = decode(Saved, raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{where} is damaged or no autoaccum checkpoint: {err}") from None
+    contradiction = _consistent(saved)
+    if contradiction is not None:
+        raise ConfigError(f"{where} is damaged or no autoaccum checkpoint: {contradiction}")
+    return replace(saved, path=str(where))
+
+
+def latest(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest checkpoint file in ``directory`` (its ``latest`` pointer's, else the highest
+    step's), or None."""
+    folder = Path(directory)
+    pointer = read_pointer(folder)
+    if pointer is not None and pointer.checkpoint is not None and pointer.checkpoint.is_file():
+        return pointer.checkpoint
+    files = step_files(folder)
+    return files[0][1] if files else None
+
+
+def newest(directory: str | os.PathLike[str]) -> Saved | None:
+    """The newest readable checkpoint of the run ``directory``'s ``latest`` names (None: the
+    folder holds none). Damaged ones are passed over, with a warning naming each."""
+    folder = Path(directory)
+    pointer = read_pointer(folder)
+    order = [path for _, path in step_files(folder)]
+    passed: list[str] = []
+    if pointer is not None and pointer.damaged is not None:
+        passed.append(pointer.damaged)
+    elif pointer is not None and pointer.checkpoint is not None:
+        if pointer.checkpoint.is_file():
+            order = [pointer.checkpoint, *(p for p in order if p != pointer.checkpoint)]
+        else:
+            passed.append(f"{pointer.checkpoint} (named by latest) is missing or not a file")
+    run = pointer.run_id if pointer is not None else None
+    for path in order:
+        try:
+            saved = read(path)
+        except ConfigError as err:
+            passed.append(str(err))
+            continue
+        if run is not None and saved.run_id != run:
+            passed.append(f"{path} belongs to another run than latest's")
+            continue
+        if passed:
+            warnings.warn(
+                f"resuming from {path}, the newest readable checkpoint in {folder}, passing over "
+                f"what could not be used: {'; '.join(passed)}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return saved
+    if passed:
+        raise ConfigError(f"no readable checkpoint in {folder}: {'; '.join(passed)}")
+    return None
+
+
+def load(path: str | os.PathLike[str]) -> Saved:
+    """The checkpoint at ``path``: a file (an error when it cannot be used), or a folder (its
+    newest readable checkpoint, see :func:`newest`)."""
+    where = Path(path)
+    if where.is_dir():
+        found = newest(where)
+        if found is None:
+            raise ConfigError(f"no checkpoint in {where} (no step-*.pt file); check the path")
+        return found
+    if not where.is_file():
+        raise ConfigError(f"no checkpoint at {where}: no such file or directory")
+    return read(where)
+
+
+def resume_from(
+    resume: str | os.PathLike[str], callbacks: Sequence[Any]
+) -> tuple[Saved | None, str | None]:
+    """What ``fit(..., resume=)`` continues from, and what to say about it: a checkpoint file
+    or folder; or ``"auto"``: the newest checkpoint of the :class:`Checkpoint` callback's
+    folder, or a new run when it holds none."""
+    if not (isinstance(resume, str) and resume == "auto"):
+        return load(resume), None
+    folders = {c.directory.resolve(): c.directory for c in callbacks if isinstance(c, Checkpoint)}
+    if len(folders) != 1:
+        raise ConfigError(
+            "resume='auto' continues from the newest checkpoint in the Checkpoint callback's "
+            "folder, but "
+            + (
+                "callbacks holds no Checkpoint: add one, e.g. Checkpoint('runs/ckpt', every=100), "
+                if not folders
+                else f"Checkpoints write to {len(folders)} folders "
+                f"({', '.join(str(f) for f in folders.values())}): "
+            )
+            + "or name the checkpoint to resume from, resume='runs/ckpt'"
+        )
+    folder = next(iter(folders.values()))
+    saved = newest(folder)
+    if saved is None:
+        return None, f"resume='auto': no checkpoint in {folder} yet, so this is a new run"
+    steps = saved.position.steps
+    return saved, f"resume='auto': continuing from {saved.path} (after step {steps})"
+
+
+def check_compatible(saved: Saved, target_batch: int, world_size: int) -> None:
+    """A clear error when the checkpoint was taken for another target batch or world size:
+    its windows, and each rank's share of them, would not be the ones of this run."""
+    where = saved.path or "the checkpoint"
+    if saved.target_batch != target_batch:
+        raise ConfigError(
+            f"{where} was taken with target_batch={saved.target_batch}, this run asks for "
+            f"{target_batch}: the windows it counted would not be this run's. Resume with "
+            f"target_batch={saved.target_batch}, or start a new run without resume="
+        )
+    if saved.world_size != world_size:
+        raise ConfigError(
+            f"{where} was taken on {saved.world_size} ranks, this run has {world_size}: "
+            "each rank's share of the data would differ, so the resume could not be exact. "
+            f"Resume on {saved.world_size} ranks, or start a new run without resume="
+        )

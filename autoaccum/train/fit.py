@@ -27,7 +27,7 @@ from autoaccum.memory.footprint import footprint
 from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.results import FitResult
 from autoaccum.train.accumulator import Accumulator
-from autoaccum.train.checkpoint import load as load_checkpoint
+from autoaccum.train.checkpoint import resume_from
 from autoaccum.train.losses import CountFn, LossFn
 from autoaccum.train.model import check_model, has_batchnorm, train_mode
 from autoaccum.train.run import Run
@@ -89,8 +89,12 @@ def fit(
 
     ``callbacks`` act along the way (:mod:`autoaccum.train.callbacks`: evaluation, a JSON
     log, checkpoints, or your own; any can stop the run). ``resume`` (a checkpoint file, or
-    a directory: its newest) continues a run exactly where the checkpoint left it; ``epochs``
-    and ``max_steps`` count the whole run, the part before the checkpoint included.
+    a directory: its newest readable one) continues a run exactly where the checkpoint left
+    it; ``resume="auto"`` continues from the newest checkpoint in the ``Checkpoint``
+    callback's folder, or starts a new run when there is none, and warns which it did.
+    ``epochs`` and ``max_steps`` count the whole run, the part before the checkpoint
+    included. Checkpoints are loaded without running code, and everything in one is checked
+    against the model, optimizer, scheduler and precision before any of it is loaded.
     """
     started = time.perf_counter()
     check_model(model)
@@ -102,12 +106,14 @@ def fit(
         check_count("max_micro", max_micro)
     check_margin(margin)
     limit = datetime.timedelta(seconds=check_positive("timeout", timeout))
-    saved = load_checkpoint(resume) if resume is not None else None
+    saved, said = resume_from(resume, callbacks) if resume is not None else (None, None)
     wanted = check_device(device) if device is not None else None  # before the model moves
     created_group = D.init_from_env(wanted.type if wanted is not None else None, timeout=limit)
     acc: Accumulator | None = None
     try:
         info = D.current()
+        if said is not None and info.is_main:  # which way resume="auto" went, once
+            warnings.warn(said, UserWarning, stacklevel=2)
         dev = D.select_device(wanted, info)
         model.to(dev)
         acc = Accumulator(

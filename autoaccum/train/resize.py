@@ -149,20 +149,21 @@ class Resizer:
         return new
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the changes and the rule's memory."""
+        """What a checkpoint keeps of the changes and the rule's memory, as plain data."""
         return {
             "ceiling": self.ceiling,
             "grow_after": self.grow_after,
-            "resizes": list(self.resizes),
+            "resizes": [r.to_dict() for r in self.resizes],
             "oom_retries": self.oom_retries,
             "failures": dict(self.failures),
             "clean": self.clean,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a :meth:`state_dict` (its resizes as dicts or :class:`Resize`)."""
         self.ceiling = state["ceiling"]
         self.grow_after = state["grow_after"]
-        self.resizes = list(state["resizes"])
+        self.resizes = [r if isinstance(r, Resize) else Resize(**r) for r in state["resizes"]]
         self.oom_retries = state["oom_retries"]
         self.failures = Counter(state["failures"])
         self.clean = state["clean"]

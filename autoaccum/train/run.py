@@ -11,19 +11,28 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from autoaccum.errors import ConfigError
+import torch
+
+from autoaccum.errors import ConfigError, check_count
 from autoaccum.plan import Plan
 from autoaccum.probing.state import RngState
 from autoaccum.results import Resize
 from autoaccum.train import checkpoint as ckpt
+from autoaccum.train import checkpoint_state
 from autoaccum.train.accumulator import Accumulator
 from autoaccum.train.callbacks import StepState
+from autoaccum.train.checkpoint_codec import encode
+from autoaccum.train.checkpoint_files import Folder
+from autoaccum.train.checkpoint_random import decode_random, encode_random
+from autoaccum.train.data.loader import LoaderWindows
 from autoaccum.train.evaluate import evaluate
 from autoaccum.train.window import StepOutcome
 
@@ -52,6 +61,9 @@ class Run:
         self.stopped: str | None = None  #: why a callback stopped the run
         self._stop_asked: str | None = None
         self._resumed: dict[str, Any] | None = None  #: this rank's random state to resume from
+        self.run_id = uuid.uuid4().hex  #: the run's id, in its checkpoints (rank 0's counts)
+        self._continued = False  #: resumed from a checkpoint (its run id kept)
+        self._folders: dict[str, Folder] = {}  #: checkpoint folders written to, by path
         self._last: StepOutcome | None = None
         self._window = 0
         self._started = time.perf_counter()
@@ -87,55 +99,114 @@ class Run:
 
     def save_checkpoint(self, directory: str | os.PathLike[str], keep: int = 3) -> Path | None:
         """Write a checkpoint of this window boundary (every rank must call it; rank 0 writes
-        the file and gets its path)."""
+        the file and gets its path). ``keep``: this run's newest checkpoints kept in
+        ``directory`` (files of other runs are never deleted)."""
+        keep = check_count("keep", keep)
         acc = self.acc
         acc.guard.agree("saving a checkpoint", where="saving a checkpoint")  # all ranks, or none
-        source = acc.source(self.data)
-        states = acc.agreement.gather(ckpt.random_state(source.epoch_state(self.position.epoch)))
-        payload = {
-            **ckpt.header(acc.target_batch, acc.dist.world_size, acc.device),
-            **ckpt.model_and_optimizer(acc.model, acc.optimizer),
-            "scheduler": acc.scheduler.state_dict() if acc.scheduler is not None else None,
-            "scaler": acc.scaler.state_dict(),
-            "plan": acc.plan,
-            "probe": acc.probe_result,
-            "resizer": acc.resizer.state_dict(),
-            "position": self.position,
-            "random": states,
-            "metrics": list(self.metrics),
-        }
-        if acc.dist.rank != 0:
+        if self._resumed is not None:  # resumed, not trained yet: the checkpoint's own state
+            now, draw = self._resumed["now"], self._resumed["epoch_draw"]
+        else:
+            now = RngState.capture()
+            draw = acc.source(self.data).epoch_state(self.position.epoch)
+        states = acc.agreement.gather(encode_random(now, draw))
+        tensors = checkpoint_state.take(acc.model, acc.optimizer, writer=acc.dist.rank == 0)
+        if tensors is None:  # rank 0 writes
             return None
-        return ckpt.save(payload, directory, keep)
+        scheduler = checkpoint_state.scheduler_state(acc.scheduler)
+        payload = ckpt.prepare(
+            {
+                "run_id": self.run_id,
+                "target_batch": acc.target_batch,
+                "world_size": acc.dist.world_size,
+                "device": ckpt.device_identity(acc.device),
+                **tensors,
+                "scheduler": scheduler,
+                "scheduler_type": checkpoint_state.type_name(acc.scheduler) if scheduler else None,
+                "scaler": acc.scaler.state_dict(),
+                "plan": encode(acc.plan),
+                "probe": encode(acc.probe_result),
+                "resizer": acc.resizer.state_dict(),
+                "position": encode(self.position),
+                "random": states,
+                "metrics": [encode(m) for m in self.metrics],
+            }
+        )
+        folder = self._folder(directory)
+        return folder.save(lambda handle: torch.save(payload, handle), self.position.steps, keep)
+
+    def claim_checkpoints(
+        self, directory: str | os.PathLike[str], *, overwrite: bool = False
+    ) -> None:
+        """Check, before the first step, that rank 0 can write checkpoints to ``directory``
+        and that it holds no other run's (``overwrite``: they are replaced by this run's
+        first checkpoint). A :class:`ConfigError` saying what to do otherwise."""
+        if self.acc.dist.rank == 0:
+            self._folder(directory).claim(overwrite=overwrite)
+
+    def _folder(self, directory: str | os.PathLike[str]) -> Folder:
+        """This run's writer of ``directory`` (it claims the folder at its first save when
+        :meth:`claim_checkpoints` did not)."""
+        key = str(Path(directory).resolve())
+        folder = self._folders.get(key)
+        if folder is None or folder.run_id != self.run_id:
+            folder = self._folders[key] = Folder(directory, self.run_id)
+        return folder
 
     # ------------------------------------------------------------------ resume
 
-    def resume(self, payload: dict[str, Any]) -> bool:
+    def resume(self, saved: ckpt.Saved) -> bool:
         """Continue from a checkpoint: everything but the plan when the device changed (then
-        False: the caller probes again)."""
-        acc = self.acc
-        ckpt.check_compatible(payload, acc.target_batch, acc.dist.world_size)
-        ckpt.load_model_and_optimizer(acc.model, acc.optimizer, payload)
-        if acc.scheduler is not None and payload["scheduler"] is not None:
-            acc.scheduler.load_state_dict(payload["scheduler"])
-        acc.scaler.load_state_dict(payload["scaler"])
-        self.position = payload["position"]
-        self.metrics = list(payload.get("metrics", []))
+        False: the caller probes again). Everything is checked against this run first; on a
+        mismatch a :class:`ConfigError`, and nothing was loaded."""
+        acc, where = self.acc, saved.path or "the checkpoint"
+        ckpt.check_compatible(saved, acc.target_batch, acc.dist.world_size)
+        checkpoint_state.check_model(acc.model, saved.model, where)
+        checkpoint_state.check_optimizer(
+            acc.model, acc.optimizer, saved.optimizer, saved.optimizer_type, where
+        )
+        checkpoint_state.check_schedule(acc.scheduler, acc.scaler, saved, where)
+        try:
+            random = decode_random(saved.random[acc.dist.rank], f"random[{acc.dist.rank}]")
+        except ConfigError as err:
+            raise ConfigError(f"{where} is damaged: {err}") from None
+        if random["epoch_draw"] is None and isinstance(acc.source(self.data), LoaderWindows):
+            raise ConfigError(
+                f"{where} was taken on data without a drawn order (a list of batches or an "
+                "iterable), this run reads a DataLoader: nothing was loaded. Resume with the "
+                "data it was taken with"
+            )
+        checkpoint_state.put(acc.model, acc.optimizer, saved)  # checked: now load
+        if acc.scheduler is not None and saved.scheduler is not None:
+            acc.scheduler.load_state_dict(dict(saved.scheduler))
+        acc.scaler.load_state_dict(dict(saved.scaler))
+        self.position = saved.position
+        self.metrics = [dict(m) for m in saved.metrics]
+        self.run_id = saved.run_id
+        self._continued = True
         acc.steps = self.position.steps
-        self._resumed = payload["random"][acc.dist.rank]
-        same_device = bool(payload["device"] == ckpt.device_identity(acc.device))
+        self._resumed = random
+        same_device = saved.device == ckpt.device_identity(acc.device)
         if same_device:
-            acc.plan, acc.probe_result = payload["plan"], payload["probe"]
-            acc.resizer.load_state_dict(payload["resizer"])
+            acc.plan, acc.probe_result = saved.plan, saved.probe
+            acc.resizer.load_state_dict(asdict(saved.resizer))
         else:
             warnings.warn(
-                f"{payload.get('path')} was taken on {payload['device']}, this run is on "
+                f"{where} was taken on {saved.device}, this run is on "
                 f"{ckpt.device_identity(acc.device)}: probing the micro-batch again (the plan "
                 "changes how windows are split, never which samples they hold)",
                 UserWarning,
                 stacklevel=3,
             )
         return same_device
+
+    def _start(self) -> None:
+        """Before the first step: the run's id (rank 0's on every rank; a resumed run keeps
+        its own), then every callback's ``on_train_start`` (a rank that fails there tells the
+        others in the first window's exchange)."""
+        if not self._continued:
+            self.run_id = str(self.acc.agreement.gather(self.run_id)[0])
+        self._call("on_train_start")
 
     # ------------------------------------------------------------------ the loop
 
@@ -145,6 +216,7 @@ class Run:
 
     def train(self) -> None:
         """The epochs, window by window, from the position (a resumed run's included)."""
+        self._start()
         first = self.position.epoch
         for epoch in range(first, self.epochs):
             if self._done():
