@@ -78,6 +78,15 @@ def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     assert unchanged(model, before)
 
 
+def test_lbfgs_is_refused_before_any_work() -> None:
+    """LBFGS steps through a closure that re-evaluates the loss; a window cannot."""
+    model = mlp()
+    before = params(model)
+    with pytest.raises(ConfigError, match="LBFGS re-evaluates the loss through a closure"):
+        run(model, DataLoader(data()), optimizer=torch.optim.LBFGS(model.parameters()))
+    assert unchanged(model, before)
+
+
 def test_not_a_module() -> None:
     with pytest.raises(ConfigError, match=r"torch\.nn\.Module"):
         autoaccum.fit(lambda x: x, [torch.ones(2)], 2)  # type: ignore[arg-type]

@@ -57,6 +57,12 @@ def check_model_optimizer(model: nn.Module, optimizer: object) -> torch.optim.Op
             f"{type(optimizer).__name__} {optimizer!r}; build one, e.g. "
             "torch.optim.AdamW(model.parameters(), lr=3e-4)"
         )
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ConfigError(
+            "LBFGS re-evaluates the loss through a closure several times per step, which a window "
+            "of accumulated micro-batches cannot do; use an optimizer that steps on the "
+            "gradient (SGD, AdamW, …)"
+        )
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not held & trainable:
