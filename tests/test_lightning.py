@@ -58,10 +58,13 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture
 def shown() -> Iterator[list[str]]:
     """The lines of Lightning's rank-zero log, which shows them without any logging set-up:
-    Lightning sets it to INFO and gives it a handler of its own when logging is not
-    configured (the DDP test sees them in a fresh process's stderr)."""
+    Lightning sets its logger to INFO (set again here: another test in this process may have
+    quietened it) and gives it a handler of its own when logging is not configured. The DDP
+    test sees them in a fresh process's stderr."""
+    top = logging.getLogger("lightning.pytorch")
+    level = top.level
+    top.setLevel(logging.INFO)
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    assert log.isEnabledFor(logging.INFO)
     lines: list[str] = []
 
     class Keep(logging.Handler):
@@ -72,6 +75,7 @@ def shown() -> Iterator[list[str]]:
     log.addHandler(handler)
     yield lines
     log.removeHandler(handler)
+    top.setLevel(level)
 
 
 def ours(caught: pytest.WarningsRecorder) -> list[str]:
