@@ -141,8 +141,11 @@ class AutoAccum(pl.Callback):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loop = trainer.fit_loop
-        with preserved_rng():  # its iterator's seed is drawn again by the second setup below
-            loop.setup_data()  # the train loader as Lightning will train with it
+        # the train loader as Lightning would train with it; the second setup below draws its
+        # iterator's seed again and says what Lightning has to say about the loader trained
+        with preserved_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loop.setup_data()
         combined = loop._combined_loader
         if combined is None:  # limit_train_batches=0 or no training_step: nothing trains
             return

@@ -120,7 +120,10 @@ def test_batchnorm_and_a_prime_share_name_targets_that_work() -> None:
 
 
 def test_probe_picks_the_divisor_and_the_plan_line_shows_once_and_goes_to_the_loggers(
-    shown: list[str], caplog: pytest.LogCaptureFixture, tmp_path: Path
+    shown: list[str],
+    caplog: pytest.LogCaptureFixture,
+    recwarn: pytest.WarningsRecorder,
+    tmp_path: Path,
 ) -> None:
     model = Net(mlp(limit=20), ce, LR)
     auto = AutoAccum(50)
@@ -142,6 +145,9 @@ def test_probe_picks_the_divisor_and_the_plan_line_shows_once_and_goes_to_the_lo
         "use 17+17+16): 7 samples fewer per micro-batch, 2 more micro-steps per optimizer step"
     ]  # once, one prefix
     assert not [r for r in caplog.records if r.name.startswith("autoaccum")]  # not twice
+    said = [str(w.message) for w in recwarn if "number of training batches" in str(w.message)]
+    assert [s.split(")")[0] for s in said] == ["The number of training batches (10"]  # the loader
+    # trained; not also the 15 batches of the loader given, read only to be re-batched
     assert oom_layer(model).sizes[-1] == 10  # the probe left the model; training ran at 10
     hparams = load_hparams_from_yaml(Path(csv.log_dir) / "hparams.yaml")
     assert {k: v for k, v in hparams.items() if k.startswith("autoaccum/")} == {
