@@ -213,6 +213,12 @@ class AutoAccum(pl.Callback):  # type: ignore[misc]
         last = sum(self._windows[-1]) if self._windows and short[-1:] == self._windows[-1:] else 0
         dropped = self._stream.dropped if isinstance(self._stream, WholeWindows) else 0
         self.batching = replace(self.batching, last_window=last, dropped=dropped)
+        if dropped and not self._windows:
+            raise ConfigError(
+                f"the stream held {dropped} samples on this device in epoch "
+                f"{trainer.current_epoch}, less than one window of {p.per_rank}; drop_last=True "
+                "left nothing to train"
+            )
         if not trainer.is_global_zero:
             return
         if short and p.accum_iter > 1 and "short" not in self._said:

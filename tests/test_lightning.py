@@ -392,6 +392,10 @@ def test_limit_train_batches_counts_micro_batches_and_drop_last_keeps_windows_wh
         trainer(AutoAccum(10, max_micro=5, drop_last=True), limit_train_batches=1).fit(
             Net(mlp(), ce, LR), DataLoader(Stream(40), batch_size=4)
         )
+    with pytest.raises(ConfigError, match=r"held 7 samples .* less than one window of 10"):
+        trainer(AutoAccum(10, max_micro=5, drop_last=True)).fit(
+            Net(mlp(), ce, LR), DataLoader(Stream(7), batch_size=4)
+        )  # a stream is measured as it passes: at the end of its first epoch
     assert len(ours(recwarn)) == 1  # only the first run's
 
 
