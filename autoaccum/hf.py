@@ -12,9 +12,17 @@ How the Trainer weights micro-batches: a model whose forward takes loss keyword 
 gets ``num_items_in_batch``, the label count of the whole window (all ranks with
 ``average_tokens_across_devices``), and the step is the exact item-weighted mean. A causal LM
 whose ``loss_type`` is unset (GPT-2, for one) has its labels counted unshifted, one too many
-per row, which scales every step down (about 3% for 30-token rows):
-:func:`count_shifted_labels` fixes that. Other models get the mean of the per-micro-batch
-means, exact only for a sample-mean loss over equal micro-batches.
+per row, which scales every step down by shifted/unshifted labels, one over the mean row
+length (2.86 % for texts of 2–60 words, 9.76 % for 5–15, measured by
+``benchmarks/hf_trainer_weighting.py``): :func:`count_shifted_labels` fixes that. Other
+models get the mean of the per-micro-batch means, exact only for a sample-mean loss over
+equal micro-batches.
+
+The plan line is printed on the main process (it shows whatever the logging set-up). The
+Trainer's loggers (``report_to``) record the plan themselves: they log ``args`` when training
+begins, ``per_device_train_batch_size`` and ``gradient_accumulation_steps`` included. The
+probe's ceiling is in the printed line only: a ``TrainerCallback`` has no handle on those
+loggers (the Trainer calls them itself), so no callback of ours can add it.
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
-import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -31,13 +38,12 @@ import torch
 from torch import nn
 
 from autoaccum import distributed as D
-from autoaccum.errors import ConfigError, MissingExtraError, check_count
-from autoaccum.plan import compare_with_fit, equal_plan, make_plan
+from autoaccum.errors import ConfigError, MissingExtraError, check_callable, check_count
+from autoaccum.plan import Plan, compare_with_fit, equal_plan, make_plan
 from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.probing.state import preserved_rng
 from autoaccum.probing.trials import probe
-from autoaccum.train.losses import default_loss
-from autoaccum.train.model import min_micro, model_device
+from autoaccum.train.model import check_model, min_micro, model_device
 
 try:
     from transformers import (
@@ -49,13 +55,12 @@ try:
         default_data_collator,
     )
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.trainer import _is_peft_model  # how the Trainer tells a PEFT model
     from transformers.utils.generic import find_labels
 except ImportError as exc:
     raise MissingExtraError("hf", "transformers", "autoaccum.hf") from exc
 
 __all__ = ["count_shifted_labels", "plan_trainer_args"]
-
-log = logging.getLogger(__name__)
 
 #: the probe batch is the longest samples among this many of the dataset's first
 SCAN = 1024
@@ -107,18 +112,17 @@ def plan_trainer_args(
     ``max_micro`` skips the probe. With ``exact_count`` a causal LM gets
     :func:`count_shifted_labels`. ``auto_find_batch_size`` is turned off in the copy.
     """
+    _check(model, args, data_collator, optimizer)
     check_count("target_batch", target_batch)
     world = args.world_size
     make_plan(target_batch, target_batch, world)  # divisible among the ranks? before any work
     check_margin(margin)
-    if exact_count and count_shifted_labels(model):
-        log.info("autoaccum.hf: set %s.loss_type = 'ForCausalLM'", type(model).__name__)
-    ceiling = max_micro
+    ceiling = None if max_micro is None else check_count("max_micro", max_micro)
     if ceiling is None:
         collator = data_collator or _default_collator(processing_class)
         batch = _probe_batch(model, train_dataset, args, collator, target_batch // world)
         ceiling = _probe(model, batch, args, optimizer, target_batch // world, margin)
-    plan = equal_plan(target_batch, check_count("max_micro", ceiling), world, min_micro(model))
+    plan = equal_plan(target_batch, ceiling, world, min_micro(model))
     changes: dict[str, Any] = {
         "per_device_train_batch_size": plan.micro_batch,
         "gradient_accumulation_steps": plan.accum_iter,
@@ -127,22 +131,55 @@ def plan_trainer_args(
     if world > 1 and _accepts_loss_kwargs(model):
         changes["average_tokens_across_devices"] = True  # count the window's items on all ranks
     out = dataclasses.replace(args, **changes)
-    log.info(
-        "autoaccum.hf: target_batch %d = %d × %d (gradient_accumulation_steps) × %d device(s); %s",
-        target_batch,
-        plan.micro_batch,
-        plan.accum_iter,
-        world,
-        compare_with_fit(plan, "the Trainer"),
-    )
+    shifted = exact_count and count_shifted_labels(model)  # after every check: all or nothing
+    if args.process_index == 0:
+        _show(plan, type(_inner(model)).__name__ if shifted else None)
     _warn_weighting(model, train_dataset, plan.micro_batch, world, out)
     return out
 
 
+def _check(model: object, args: object, data_collator: object, optimizer: object) -> None:
+    """Refuse arguments of the wrong kind before any work."""
+    if not isinstance(args, TrainingArguments):
+        raise ConfigError(
+            f"args must be a transformers.TrainingArguments, got {type(args).__name__}; build "
+            "one with TrainingArguments(output_dir=...) and pass it"
+        )
+    check_model(model)
+    if data_collator is not None:
+        check_callable("data_collator", data_collator, "data_collator(list_of_samples)")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optimizer must be a torch.optim.Optimizer over the model's parameters, or None "
+            f"for one like the Trainer's (args.optim), got {type(optimizer).__name__}"
+        )
+
+
+def _show(plan: Plan, shifted: str | None) -> None:
+    """The plan line, printed: it shows without any logging set-up, once, on the main process."""
+    print(
+        f"autoaccum: target_batch {plan.target_batch} = {plan.micro_batch} × {plan.accum_iter} "
+        f"(gradient_accumulation_steps) × {plan.world_size} device(s); "
+        f"{compare_with_fit(plan, 'the Trainer')}",
+        flush=True,
+    )
+    if shifted:
+        print(
+            f"autoaccum: set {shifted}.loss_type = 'ForCausalLM', so the Trainer counts its "
+            "labels shifted, as its loss uses them",
+            flush=True,
+        )
+
+
 def _inner(model: nn.Module) -> nn.Module:
-    """The model the Trainer inspects: a PEFT model's base model, else the model itself."""
-    base = getattr(model, "get_base_model", None)
-    return base() if callable(base) else model  # type: ignore[no-any-return]
+    """The model the Trainer inspects: a PEFT model's base model, else the model itself (a
+    wrapper of another kind, ``get_base_model`` or not, is inspected as it is)."""
+    if not _is_peft_model(model):
+        return model
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        return get_base()  # type: ignore[no-any-return]
+    return model.base_model.model  # type: ignore[union-attr,return-value]  # PeftMixedModel
 
 
 def _default_collator(processing_class: Any) -> Callable[[list[Any]], Any]:
@@ -179,8 +216,13 @@ def _probe_batch(
     """The ``count`` longest of the first samples, collated as the Trainer collates them."""
     if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
         samples: Iterable[Any] = (dataset[i] for i in range(min(len(dataset), SCAN)))
-    else:
+    elif isinstance(dataset, Iterable):
         samples = itertools.islice(iter(dataset), SCAN)
+    else:
+        raise ConfigError(
+            f"train_dataset must be a dataset (with __len__ and __getitem__, or iterable), got "
+            f"{type(dataset).__name__}; the probe needs real samples (or pass max_micro)"
+        )
     with preserved_rng():  # a dataset or collator that draws random numbers draws them again
         first = list(samples)
         if not first:
@@ -191,7 +233,23 @@ def _probe_batch(
             keep = set(inspect.signature(inner.forward).parameters) | {"label", "label_ids"}
             keep |= set(args.label_names or find_labels(type(inner)))  # type: ignore[no-untyped-call]
             chosen = [{k: v for k, v in s.items() if k in keep} for s in chosen]
-        return collator(chosen)
+        try:
+            batch = collator(chosen)
+        except Exception as exc:  # the user's collator on the user's samples
+            raise ConfigError(
+                f"the data collator failed on the probe batch (the {len(chosen)} longest of the "
+                f"first samples): {type(exc).__name__}: {exc}. The Trainer would collate with it "
+                "too: samples must be tokenized (dicts such as {'input_ids': [...]}), and "
+                "samples of different lengths need a padding collator, e.g. "
+                "DataCollatorForLanguageModeling(tokenizer, mlm=False) for a causal LM, or "
+                "processing_class=tokenizer"
+            ) from None
+    if not isinstance(batch, Mapping):
+        raise ConfigError(
+            f"the data collator returned a {type(batch).__name__}; the Trainer calls "
+            "model(**batch), so it must return a dict of model inputs"
+        )
+    return batch
 
 
 def _probe(
@@ -210,7 +268,12 @@ def _probe(
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)  # type: ignore[arg-type]
         optimizer = cls([p for p in model.parameters() if p.requires_grad], **kwargs)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    checkpointing = bool(getattr(model, "is_gradient_checkpointing", True))
+    renamed = hasattr(type(model), "is_activation_checkpointing")  # transformers 5
+    checkpointing = bool(
+        getattr(
+            model, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", True
+        )
+    )
     if args.gradient_checkpointing and not checkpointing:
         model.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)  # type: ignore[operator]
     info = D.current()
@@ -222,7 +285,7 @@ def _probe(
         found = probe(
             model,
             batch,
-            loss_fn=default_loss,  # model(**batch).loss
+            loss_fn=_trainer_loss,
             optimizer=optimizer,
             upper=share,
             precision=precision,
@@ -234,6 +297,20 @@ def _probe(
         if args.gradient_checkpointing and not checkpointing:
             model.gradient_checkpointing_disable()  # type: ignore[operator]
     return int(D.all_reduce_min(float(found.max_micro), info))
+
+
+def _trainer_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The loss as the Trainer takes it: ``model(**batch)``'s ``loss`` (or first output)."""
+    out = model(**batch)
+    loss = out.get("loss") if isinstance(out, Mapping) else out[0] if type(out) is tuple else None
+    if not isinstance(loss, torch.Tensor):
+        raise ConfigError(
+            f"{type(_inner(model)).__name__} returned no loss for the probe batch (keys "
+            f"{sorted(batch)}): the Trainer trains on model(**batch).loss, so the batch needs "
+            "labels; for a causal LM, data_collator=DataCollatorForLanguageModeling(tokenizer, "
+            "mlm=False) adds them"
+        )
+    return loss
 
 
 def _warn_weighting(

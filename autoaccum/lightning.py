@@ -6,18 +6,20 @@ own batch-size finder does; under DDP it holds the DistributedSampler), probes o
 samples of the first window (ranks agree on every trial), picks the largest divisor of the
 per-device share under the ceiling (Lightning needs equal micro-batches), hands the fit loop
 the same loader re-batched, as if passed to ``trainer.fit``, and sets
-``trainer.accumulate_grad_batches``.
+``trainer.accumulate_grad_batches``. The plan line goes to Lightning's rank-zero log (shown
+without any logging set-up, once), the plan to the Trainer's loggers (``log_hyperparams``).
 
 Lightning divides each micro-batch's loss by ``accumulate_grad_batches``: exact for a
-sample-mean loss over full windows of equal micro-batches; the short last window of an epoch
-is under-weighted (Lightning #19987) and token-level losses are averaged per micro-batch.
+sample-mean loss over whole windows of full micro-batches; a short window (the last of an
+epoch) is weighted as if it were whole (Lightning #19987), and token-level losses are
+averaged per micro-batch. ``drop_last`` trains whole windows only: a map-style epoch is cut
+to whole windows before it starts, a stream (``IterableDataset``) loses its short windows as
+they pass. Without it a short window is warned about when accumulation makes it inexact: a
+map-style one before training, a stream's at the end of the epoch that held it.
 """
 
 from __future__ import annotations
 
-import inspect
-import itertools
-import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -27,35 +29,39 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from autoaccum import distributed as D
-from autoaccum.errors import ConfigError, MissingExtraError, check_count
+from autoaccum.errors import BatchError, ConfigError, MissingExtraError, check_count
 from autoaccum.plan import Plan, compare_with_fit, equal_plan, make_plan
 from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.probing.state import preserved_rng
 from autoaccum.probing.trials import probe
 from autoaccum.results import ProbeResult
-from autoaccum.train.data.loader import LOADER_SETTINGS
+from autoaccum.train.batches import batch_size
+from autoaccum.train.data.equal import WholeWindows, epoch_end, first_samples, rebatched
 from autoaccum.train.model import min_micro
 
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
 except ImportError as exc:
     raise MissingExtraError("lightning", "lightning", "autoaccum.lightning") from exc
 
 __all__ = ["AutoAccum", "Batching", "equal_plan"]
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Batching:
-    """What :class:`AutoAccum` chose for one ``trainer.fit``."""
+    """What :class:`AutoAccum` chose for one ``trainer.fit`` (of a stream: as last seen)."""
 
     plan: Plan  #: equal micro-batches: micro_batch × accum_iter × world_size == target_batch
     probe: ProbeResult | None  #: None when ``max_micro`` was given
-    last_window: int | None  #: samples per device in an epoch's short last window (None: unknown)
-    dropped: int = 0  #: samples per device per epoch left out by ``drop_last``
+    #: samples per device in an epoch's short last window (0: whole; None: a stream not
+    #: yet at its end)
+    last_window: int | None
+    #: samples per device per epoch left out by ``drop_last`` (None: a stream not yet at
+    #: its end)
+    dropped: int | None = 0
 
     def describe(self) -> str:
         p = self.plan
@@ -65,14 +71,28 @@ class Batching:
             f"{compare_with_fit(p, 'Lightning')}"
         )
 
+    def hparams(self) -> dict[str, int]:
+        """The plan and the probe's ceiling, flat, as the Trainer's loggers take them."""
+        p = self.plan
+        values = {
+            "target_batch": p.target_batch,
+            "micro_batch": p.micro_batch,
+            "accum_iter": p.accum_iter,
+            "world_size": p.world_size,
+            "max_micro": p.max_micro,
+        }
+        if self.probe is not None:
+            values["largest_pass"] = self.probe.largest_pass
+        return {f"autoaccum/{k}": v for k, v in values.items()}
+
 
 class AutoAccum(pl.Callback):  # type: ignore[misc]
     """Probe the micro-batch with the model's ``training_step`` and batch to ``target_batch``.
 
     ``target_batch`` is global: samples per optimizer step over all devices.
     ``max_micro`` skips the probe. ``drop_last=True`` trains whole windows only, so every
-    optimizer step is exact for a sample-mean loss (the samples left out are logged).
-    ``batching`` holds the decision after ``on_fit_start``.
+    optimizer step is exact for a sample-mean loss (the samples left out are logged; a
+    stream's as it ends). ``batching`` holds the decision after ``on_fit_start``.
     """
 
     def __init__(
@@ -89,6 +109,9 @@ class AutoAccum(pl.Callback):  # type: ignore[misc]
         self.margin = check_margin(margin)
         self.batching: Batching | None = None
         self._limit: int | float | None = None  #: the Trainer's own limit_train_batches
+        self._stream: DataLoader[Any] | None = None  #: the re-batched loader of a stream
+        self._windows: list[list[int]] = []  #: a stream's windows this epoch: micro-batch sizes
+        self._said: set[str] = set()  #: what was said once per fit
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse what cannot work, before any data is read."""
@@ -118,7 +141,11 @@ class AutoAccum(pl.Callback):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loop = trainer.fit_loop
-        loop.setup_data()  # the train loader as Lightning will train with it
+        # the train loader as Lightning would train with it; the second setup below draws its
+        # iterator's seed again and says what Lightning has to say about the loader trained
+        with preserved_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loop.setup_data()
         combined = loop._combined_loader
         if combined is None:  # limit_train_batches=0 or no training_step: nothing trains
             return
@@ -140,20 +167,75 @@ class AutoAccum(pl.Callback):  # type: ignore[misc]
         found = None
         ceiling = self.max_micro
         if ceiling is None:
-            found = _probe(trainer, pl_module, _first_samples(loader, share), share, self.margin)
+            found = _probe(trainer, pl_module, first_samples(loader, share), share, self.margin)
             ceiling = int(D.all_reduce_min(float(found.max_micro), D.current()))
         plan = equal_plan(self.target_batch, ceiling, world, min_micro(pl_module))
+        new = rebatched(loader, plan, self.drop_last)
+        last, dropped, limit = epoch_end(new, plan, trainer.limit_train_batches, self.drop_last)
+        # nothing is changed above this line
+        self._limit, trainer.limit_train_batches = trainer.limit_train_batches, limit
         trainer.accumulate_grad_batches = plan.accum_iter
-        new = _rebatched(loader, plan.micro_batch, self.drop_last)
-        self._limit = trainer.limit_train_batches
-        last, dropped = _epoch_end(trainer, new, plan, self.drop_last)
         combined.flattened = [new]
         loop._data_source.instance = combined  # as if passed to trainer.fit(train_dataloaders=)
         loop._combined_loader = None  # make the loop set it up again (as Lightning's finder does)
         loop.setup_data()
         self.batching = Batching(plan=plan, probe=found, last_window=last, dropped=dropped)
+        self._stream = new if isinstance(new.dataset, IterableDataset) else None
+        self._said = set()
         if trainer.is_global_zero:
             _report(self.batching, trainer)
+
+    # a stream's windows are known only as they pass: each batch's samples are noted
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._windows = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._stream is None or self.batching is None:
+            return
+        try:
+            size = batch_size(batch)
+        except BatchError as err:  # trainable, but not countable: the check is off
+            self._stream = None
+            warnings.warn(f"AutoAccum cannot check the stream's windows: {err}", stacklevel=2)
+            return
+        if not self._windows or len(self._windows[-1]) == self.batching.plan.accum_iter:
+            self._windows.append([])
+        self._windows[-1].append(size)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stream is None or self.batching is None:
+            return
+        p = self.batching.plan
+        short = [w for w in self._windows if sum(w) != p.per_rank]
+        last = sum(self._windows[-1]) if self._windows and short[-1:] == self._windows[-1:] else 0
+        dropped = self._stream.dropped if isinstance(self._stream, WholeWindows) else 0
+        self.batching = replace(self.batching, last_window=last, dropped=dropped)
+        if dropped and not self._windows:
+            raise ConfigError(
+                f"the stream held {dropped} samples on this device in epoch "
+                f"{trainer.current_epoch}, less than one window of {p.per_rank}; drop_last=True "
+                "left nothing to train"
+            )
+        if not trainer.is_global_zero:
+            return
+        if short and p.accum_iter > 1 and "short" not in self._said:
+            self._said.add("short")
+            advice = (
+                "limit_train_batches ended the epoch inside a window"
+                if self.drop_last
+                else "Pass AutoAccum(..., drop_last=True) to train whole windows only"
+            )
+            which = f"a window of epoch {trainer.current_epoch}"
+            _warn_short(which, sum(short[-1]), len(short[-1]), p, advice)
+        if dropped and "dropped" not in self._said:
+            self._said.add("dropped")
+            rank_zero_info(
+                f"AutoAccum: drop_last left out {dropped} samples of the stream on this device "
+                f"in epoch {trainer.current_epoch} (short batches and the short last window)"
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Give the Trainer back its own ``limit_train_batches`` (``drop_last`` lowers it)."""
@@ -163,20 +245,17 @@ class AutoAccum(pl.Callback):  # type: ignore[misc]
 
 
 def _report(batching: Batching, trainer: pl.Trainer) -> None:
-    log.info("AutoAccum: %s", batching.describe())
+    """The plan line (Lightning's rank-zero log: shown by default) and the loggers' copy."""
+    rank_zero_info(f"AutoAccum: {batching.describe()}")
+    for logger in trainer.loggers:
+        logger.log_hyperparams(batching.hparams())
     p = batching.plan
     if batching.dropped:
-        log.info("AutoAccum: drop_last leaves out %d samples/device/epoch", batching.dropped)
-    if batching.last_window:
-        k = -(-batching.last_window // p.micro_batch)
-        warnings.warn(
-            f"AutoAccum: the last window of every epoch holds {batching.last_window} samples "
-            f"per device ({k} of {p.accum_iter} micro-batches) instead of {p.per_rank}; "
-            f"Lightning divides each micro-batch's loss by accumulate_grad_batches="
-            f"{p.accum_iter}, so that step is weighted as if the window were full "
-            "(Lightning #19987). Pass AutoAccum(..., drop_last=True) to train whole windows only",
-            stacklevel=2,
-        )
+        rank_zero_info(f"AutoAccum: drop_last leaves out {batching.dropped} samples/device/epoch")
+    if batching.last_window and p.accum_iter > 1:  # one micro-batch per window: exact
+        micro = -(-batching.last_window // p.micro_batch)
+        advice = "Pass AutoAccum(..., drop_last=True) to train whole windows only"
+        _warn_short("the last window of every epoch", batching.last_window, micro, p, advice)
     if getattr(trainer, "reload_dataloaders_every_n_epochs", 0):
         warnings.warn(
             "AutoAccum: with reload_dataloaders_every_n_epochs the re-batched loader is reused; "
@@ -185,21 +264,15 @@ def _report(batching: Batching, trainer: pl.Trainer) -> None:
         )
 
 
-def _first_samples(loader: DataLoader[Any], count: int) -> Any:
-    """The first ``count`` samples of the loader's order, collated by its ``collate_fn``; no
-    random stream moves (a sampler's own generator included)."""
-    with preserved_rng():
-        if isinstance(loader.dataset, IterableDataset):
-            return next(iter(loader))  # one batch; the probe tiles it
-        generator = getattr(loader.sampler, "generator", None)
-        own = generator if isinstance(generator, torch.Generator) else None
-        saved = own.get_state() if own is not None else None
-        try:
-            indices = list(itertools.islice(iter(loader.sampler), count))
-        finally:
-            if own is not None and saved is not None:
-                own.set_state(saved)
-    return loader.collate_fn([loader.dataset[i] for i in indices])
+def _warn_short(which: str, samples: int, micro: int, plan: Plan, advice: str) -> None:
+    count = f"{micro} micro-batch{'es' if micro > 1 else ''}"
+    warnings.warn(
+        f"AutoAccum: {which} holds {samples} samples per device in {count} instead of "
+        f"{plan.per_rank} in {plan.accum_iter} of {plan.micro_batch}; Lightning divides each "
+        f"micro-batch's loss by accumulate_grad_batches={plan.accum_iter}, so that step is "
+        f"weighted as if the window were whole (Lightning #19987). {advice}",
+        stacklevel=3,
+    )
 
 
 def _probe(
@@ -249,38 +322,3 @@ def _probe(
 
 def _skip(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-def _rebatched(loader: DataLoader[Any], micro: int, drop_last: bool) -> DataLoader[Any]:
-    """A DataLoader over the same dataset and sampler with ``micro`` samples per batch."""
-    accepted = inspect.signature(DataLoader.__init__).parameters
-    names = (*LOADER_SETTINGS, "generator")
-    kwargs = {k: getattr(loader, k) for k in names if k in accepted and hasattr(loader, k)}
-    if not isinstance(loader.dataset, IterableDataset):
-        kwargs["sampler"] = loader.sampler
-    return DataLoader(loader.dataset, batch_size=micro, drop_last=drop_last, **kwargs)
-
-
-def _epoch_end(
-    trainer: pl.Trainer, loader: DataLoader[Any], plan: Plan, drop_last: bool
-) -> tuple[int | None, int]:
-    """(samples per device in the short last window, samples per device dropped); with
-    ``drop_last`` the epoch is cut to whole windows through ``limit_train_batches``."""
-    if isinstance(loader.dataset, IterableDataset):
-        return None, 0
-    samples = len(loader.sampler)  # type: ignore[arg-type]
-    length = -(-samples // plan.micro_batch)  # batches without drop_last
-    limit = trainer.limit_train_batches
-    batches = min(length, limit) if isinstance(limit, int) else int(length * (limit or 0))
-    trained = min(samples, batches * plan.micro_batch)
-    if not drop_last:
-        return trained % plan.per_rank, 0
-    whole = trained // plan.per_rank * plan.accum_iter
-    if whole == 0:
-        raise ConfigError(
-            f"an epoch holds {trained} samples per device, less than one window of "
-            f"{plan.per_rank}; drop_last=True would leave nothing to train"
-        )
-    if whole < len(loader):
-        trainer.limit_train_batches = whole
-    return 0, trained - whole * plan.micro_batch
