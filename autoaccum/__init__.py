@@ -5,10 +5,12 @@ micro-batches × accum_iter × ranks equal the target batch exactly, and train w
 one accumulating loop whose every optimizer step applies exactly the gradient of
 one big batch. Nothing runs at import.
 
-The pipeline reads from the package listing: :mod:`autoaccum.probing` (probe) →
-:mod:`autoaccum.plan` → :mod:`autoaccum.train` (the loop and ``fit``), with
-:mod:`autoaccum.memory` (where the memory goes, why this plan) and
-:mod:`autoaccum.render` (drawing it) beside them.
+The folders read top down, each importing only those below it: :mod:`autoaccum.train`
+(``fit``, the loop, one window end to end, callbacks and checkpoints), :mod:`autoaccum.render`
+(the console), :mod:`autoaccum.probing` (the probe), :mod:`autoaccum.memory` (readings, the
+peak line, why this plan) and :mod:`autoaccum.step` (what one step is made of: batches,
+losses, precision, out-of-memory detection, the ranks' exchange); :mod:`autoaccum.plan`,
+:mod:`autoaccum.results` and the other small modules sit at the bottom.
 """
 
 from __future__ import annotations
@@ -25,27 +27,34 @@ from autoaccum.errors import (
 )
 from autoaccum.memory.collect import memory_report
 from autoaccum.plan import Plan, make_plan
-from autoaccum.probing.oom import is_oom
 from autoaccum.probing.search import search_max_batch
 from autoaccum.probing.trials import probe
 from autoaccum.results import FitResult, MemoryReport, ProbeResult, TrialRecord
+from autoaccum.step.losses import count_tokens
+from autoaccum.step.oom import is_oom
 from autoaccum.train.accumulator import Accumulator
+from autoaccum.train.callbacks import Callback, Checkpoint, Evaluate, JsonLog, RunView, StepState
 from autoaccum.train.fit import fit
-from autoaccum.train.losses import count_tokens
 
 __all__ = [
     "Accumulator",
     "AutoAccumError",
     "BatchError",
+    "Callback",
+    "Checkpoint",
     "ConfigError",
     "DistributedError",
+    "Evaluate",
     "FitResult",
+    "JsonLog",
     "MemoryReport",
     "NoBatchFitsError",
     "NonFiniteLossError",
     "Plan",
     "PlanError",
     "ProbeResult",
+    "RunView",
+    "StepState",
     "TrialRecord",
     "__version__",
     "count_tokens",

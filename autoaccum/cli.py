@@ -28,14 +28,14 @@ from autoaccum.errors import AutoAccumError, ConfigError
 from autoaccum.factory import FACTORY_CONTRACT, UsageError, make
 from autoaccum.memory.collect import memory_report
 from autoaccum.memory.explain import explain
+from autoaccum.memory.peaks import DEFAULT_MARGIN
 from autoaccum.plan import make_plan
 from autoaccum.probing.fastest import CHOICES
-from autoaccum.probing.peaks import DEFAULT_MARGIN
 from autoaccum.probing.trials import probe
 from autoaccum.render import print_report
-from autoaccum.train.losses import default_loss
-from autoaccum.train.model import check_model, default_optimizer, min_micro
-from autoaccum.train.precision import PRECISIONS
+from autoaccum.step.losses import default_loss
+from autoaccum.step.model import check_model, default_optimizer, min_micro
+from autoaccum.step.precision import PRECISIONS
 
 __all__ = ["build_parser", "main"]
 

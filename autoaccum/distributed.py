@@ -12,13 +12,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autoaccum.errors import DistributedError
+from autoaccum.errors import ConfigError, DistributedError
 
 __all__ = [
+    "SYNC_MODES",
     "DistInfo",
-    "all_reduce_max",
-    "all_reduce_min",
     "broadcast_buffers",
+    "check_sync",
     "current",
     "drop_unsynced_grads",
     "gradient_sync",
@@ -27,11 +27,17 @@ __all__ = [
     "local_cuda_index",
     "local_tensor",
     "reduce_gradients",
+    "resolve_sync",
     "select_device",
     "wrap_model",
 ]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+#: How a multi-rank window reduces its gradients: ``"deferred"`` (one all-reduce once every
+#: rank's micro-steps succeeded) or ``"overlap"`` (DDP's or FSDP2's own, in the last
+#: micro-step's backward); ``"auto"``: deferred but for FSDP2.
+SYNC_MODES = ("auto", "deferred", "overlap")
 
 
 @dataclass(frozen=True)
@@ -150,22 +156,6 @@ def current() -> DistInfo:
         world_size=dist.get_world_size(),
         backend=str(dist.get_backend()),
     )
-
-
-def _reduce(value: float, op: dist.ReduceOp.RedOpType, info: DistInfo) -> float:
-    if not info.active or info.world_size == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=info.comm_device)
-    dist.all_reduce(tensor, op=op)
-    return float(tensor.item())
-
-
-def all_reduce_max(value: float, info: DistInfo) -> float:
-    return _reduce(value, dist.ReduceOp.MAX, info)
-
-
-def all_reduce_min(value: float, info: DistInfo) -> float:
-    return _reduce(value, dist.ReduceOp.MIN, info)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -299,3 +289,25 @@ def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer, src=0)
+
+
+def check_sync(sync: object) -> str:
+    """``sync`` when it is one of :data:`SYNC_MODES`, else a :class:`ConfigError`."""
+    if sync not in SYNC_MODES:
+        raise ConfigError(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}")
+    return str(sync)
+
+
+def resolve_sync(sync: str, model: nn.Module, info: DistInfo) -> str:
+    """``"deferred"`` or ``"overlap"`` for ``model`` on these ranks (see :data:`SYNC_MODES`)."""
+    check_sync(sync)
+    if not info.active or info.world_size == 1:
+        return "deferred"  # one rank: nothing to reduce, no collective in a micro-step
+    if is_fsdp2(model):
+        if sync == "deferred":
+            raise ConfigError(
+                "sync='deferred' is not available with FSDP2: its gradients are reduce-scattered "
+                "by FSDP2 itself in the last micro-step; use sync='auto' or 'overlap'"
+            )
+        return "overlap"
+    return "deferred" if sync == "auto" else sync

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoaccum.probing.meter import Reading
-from autoaccum.probing.oom import OOM_TYPE
+from autoaccum.memory.meter import Reading
+from autoaccum.step.oom import OOM_TYPE
 
 __all__ = ["BudgetMeter", "MemoryBudget"]
 
@@ -71,7 +71,7 @@ class MemoryBudget(nn.Module):
 
 
 class BudgetMeter:
-    """A :class:`~autoaccum.probing.meter.Meter` over a :class:`MemoryBudget`: the limit is
+    """A :class:`~autoaccum.memory.meter.Meter` over a :class:`MemoryBudget`: the limit is
     the budget, a trial's peak the fixed bytes plus the most activations a forward saved."""
 
     def __init__(self, budget: MemoryBudget) -> None:

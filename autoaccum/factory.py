@@ -36,7 +36,7 @@ or the tuple (model, batch[, loss_fn[, optimizer]]):
   batch      a sample batch of real samples (any number ≥ 1; a tensor, tuple, list or
              dict of tensors along dim 0); trials tile it to each size tried
   loss_fn    optional: loss_fn(model, batch) -> mean loss (a scalar tensor); default
-             autoaccum.train.losses.default_loss (a dict batch is passed as keyword arguments
+             autoaccum.step.losses.default_loss (a dict batch is passed as keyword arguments
              and the output's .loss used; an (inputs, integer targets) pair gets
              cross-entropy)
   optimizer  optional: a torch.optim.Optimizer over model.parameters(); default

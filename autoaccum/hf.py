@@ -39,11 +39,12 @@ from torch import nn
 
 from autoaccum import distributed as D
 from autoaccum.errors import ConfigError, MissingExtraError, check_callable, check_count
+from autoaccum.memory.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.plan import Plan, compare_with_fit, equal_plan, make_plan
-from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
-from autoaccum.probing.state import preserved_rng
 from autoaccum.probing.trials import probe
-from autoaccum.train.model import check_model, min_micro, model_device
+from autoaccum.step.model import check_model, min_micro, model_device
+from autoaccum.step.ranks import Ranks
+from autoaccum.step.rng import preserved_rng
 
 try:
     from transformers import (
@@ -276,11 +277,7 @@ def _probe(
     )
     if args.gradient_checkpointing and not checkpointing:
         model.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)  # type: ignore[operator]
-    info = D.current()
-
-    def agree(failed: bool) -> bool:
-        return D.all_reduce_max(float(failed), info) > 0
-
+    ranks = Ranks(D.current())  # every rank probes: they agree on each trial and the ceiling
     try:
         found = probe(
             model,
@@ -291,12 +288,14 @@ def _probe(
             precision=precision,
             margin=margin,
             device=device,
-            agree=agree if info.active and info.world_size > 1 else None,
+            ranks=ranks,
+            choose="largest",  # the Trainer needs equal micro-batches: the ceiling's divisor
         )
     finally:
+        ranks.close()
         if args.gradient_checkpointing and not checkpointing:
             model.gradient_checkpointing_disable()  # type: ignore[operator]
-    return int(D.all_reduce_min(float(found.max_micro), info))
+    return found.max_micro
 
 
 def _trainer_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:

@@ -30,14 +30,15 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from autoaccum import distributed as D
 from autoaccum.errors import BatchError, ConfigError, MissingExtraError, check_count
+from autoaccum.memory.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.plan import Plan, compare_with_fit, equal_plan, make_plan
-from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
-from autoaccum.probing.state import preserved_rng
 from autoaccum.probing.trials import probe
 from autoaccum.results import ProbeResult
-from autoaccum.train.batches import batch_size
+from autoaccum.step.batches import batch_size
+from autoaccum.step.model import min_micro
+from autoaccum.step.ranks import Ranks
+from autoaccum.step.rng import preserved_rng
 from autoaccum.train.data.equal import WholeWindows, epoch_end, first_samples, rebatched
-from autoaccum.train.model import min_micro
 
 try:
     import lightning.pytorch as pl
@@ -168,7 +169,7 @@ class AutoAccum(pl.Callback):  # type: ignore[misc]
         ceiling = self.max_micro
         if ceiling is None:
             found = _probe(trainer, pl_module, first_samples(loader, share), share, self.margin)
-            ceiling = int(D.all_reduce_min(float(found.max_micro), D.current()))
+            ceiling = found.max_micro  # the smallest of every rank's
         plan = equal_plan(self.target_batch, ceiling, world, min_micro(pl_module))
         new = rebatched(loader, plan, self.drop_last)
         last, dropped, limit = epoch_end(new, plan, trainer.limit_train_batches, self.drop_last)
@@ -296,11 +297,7 @@ def _probe(
             )
         return loss
 
-    info = D.current()
-
-    def agree(failed: bool) -> bool:
-        return D.all_reduce_max(float(failed), info) > 0
-
+    ranks = Ranks(D.current())  # every rank probes: they agree on each trial and the ceiling
     # self.log / self.log_dict as no-ops: the trials are not training
     pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = _skip
     try:
@@ -313,10 +310,12 @@ def _probe(
             precision="fp32",  # Lightning's precision plugin autocasts inside loss_fn
             margin=margin,
             device=trainer.strategy.root_device,
-            agree=agree if info.active and info.world_size > 1 else None,
+            ranks=ranks,
+            choose="largest",  # Lightning needs equal micro-batches: the ceiling's divisor
         )
     finally:
         del pl_module.__dict__["log"], pl_module.__dict__["log_dict"]
+        ranks.close()
     return replace(found, probed_on=f"the first samples of the train loader (per device {share})")
 
 

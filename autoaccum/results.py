@@ -9,6 +9,7 @@ the JSON needs them.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,9 @@ class ProbeResult:
     limit_bytes: int | None = None  #: bytes this process may hold on the device (measured)
     probed_on: str = ""  #: what the trials ran on, e.g. "the 8 heaviest of 120 samples"
     notes: tuple[str, ...] = ()  #: how the ceiling was reached, when not by a plain search
+    #: the micro-batch ``choose="fastest"`` picked under the ceiling ``max_micro`` (None: the
+    #: ceiling itself, the largest)
+    chosen: int | None = None
     choice: str = ""  #: why the fastest plan's micro-batch was chosen under the ceiling
 
     @property
@@ -277,13 +281,13 @@ class MemoryBreakdown:
 
 @dataclass(frozen=True)
 class Resize:
-    """A change of the micro-batch ceiling during training, and the window where it happened."""
+    """A change of the micro-batch during training, and the window where it happened."""
 
     step: int  #: the optimizer step (1-based) whose window was re-run or grown
     epoch: int
     window: int  #: the window's index within its epoch
-    old: int  #: the ceiling before
-    new: int  #: the ceiling after
+    old: int  #: the micro-batch before
+    new: int  #: the micro-batch after
     reason: str  #: "oom" (shrunk after running out of memory) or "grow" (after clean windows)
 
     def to_dict(self) -> dict[str, object]:
@@ -311,12 +315,18 @@ class FitResult:
     oom_retries: int = 0  #: windows re-run with a smaller micro-batch after running out of memory
     resizes: tuple[Resize, ...] = ()  #: every change of the micro-batch during training
     samples_dropped: int = 0  #: samples left untrained, with a warning (see the README)
-    tokens_seen: float = 0.0  #: items (count_fn) trained on, across all ranks
+    items_seen: float = 0.0  #: items (count_fn: samples, or tokens) trained on, all ranks
     stopped_early: bool = False  #: a callback asked the run to stop
     evaluations: tuple[dict[str, Any], ...] = ()  #: what Evaluate measured, step by step
     memory: MemoryReport | None = None  #: memory snapshot at the end of training
     footprint: dict[str, int] = field(default_factory=dict)  #: bytes of params/grads/optimizer
     breakdown: MemoryBreakdown | None = None  #: memory at the plan, and why this plan
+
+    @property
+    def tokens_seen(self) -> float:
+        """Deprecated name of :attr:`items_seen` (removed in the next release)."""
+        warnings.warn("FitResult.tokens_seen is now items_seen", DeprecationWarning, stacklevel=2)
+        return self.items_seen
 
     def to_dict(self) -> dict[str, object]:
         return field_dict(self)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoaccum.probing.oom import OOM_TYPE as OOM  # what torch raises when allocation fails
+from autoaccum.step.oom import OOM_TYPE as OOM  # what torch raises when allocation fails
 
 
 class OOMAbove(nn.Module):

@@ -15,9 +15,10 @@ from torch.nn import functional as F
 
 import autoaccum
 from autoaccum import Accumulator, ConfigError, NonFiniteLossError
-from autoaccum.train.batches import split_batch
-from autoaccum.train.data.window import Window
-from autoaccum.train.window import StepOutcome, TrainWindow
+from autoaccum.step.batches import split_batch
+from autoaccum.train.data.cut import Window
+from autoaccum.train.weights import StepOutcome
+from autoaccum.train.window import TrainWindow
 
 LR = 0.5
 
@@ -51,7 +52,7 @@ def stepper(
 
 def window_of(acc: Accumulator, micro_batches: list[Any], epoch: int = 0) -> TrainWindow:
     total = sum(len(b[0]) for b in micro_batches)
-    return TrainWindow(acc, Window(epoch, 0, tuple(micro_batches), total))
+    return TrainWindow(acc.trainer, Window(epoch, 0, tuple(micro_batches), total))
 
 
 def run(acc: Accumulator, micro_batches: list[Any]) -> StepOutcome:
@@ -130,7 +131,7 @@ def test_non_finite_loss_names_the_step_and_applies_nothing() -> None:
     x[5] = float("nan")  # in the second micro-batch
     acc = stepper(model)
     acc.steps = 6
-    for micro in TrainWindow(acc, Window(1, 2, tuple(split_batch((x, y), [4, 3, 3])), 10)):
+    for micro in TrainWindow(acc.trainer, Window(1, 2, tuple(split_batch((x, y), [4, 3, 3])), 10)):
         acc.backward(micro)
     with pytest.raises(NonFiniteLossError) as info:
         acc.step()
@@ -324,7 +325,7 @@ def test_a_window_iterated_twice_is_an_error_that_applies_nothing() -> None:
 
 @pytest.mark.parametrize("timeout", [600, 600.0, datetime.timedelta(minutes=10)])
 def test_timeout_is_seconds_as_in_fit_or_a_timedelta(timeout: Any) -> None:
-    assert stepper(mlp(), timeout=timeout).agreement.group is None  # accepted on one process
+    assert stepper(mlp(), timeout=timeout).ranks.group is None  # accepted on one process
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), "600", True])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from autoaccum.errors import BatchError
-from autoaccum.train.batches import (
+from autoaccum.step.batches import (
     batch_size,
     concat_batches,
     resize_batch,

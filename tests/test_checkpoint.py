@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 import autoaccum
 from autoaccum import ConfigError
-from autoaccum.probing.state import RngState
+from autoaccum.step.rng import RngState
 from autoaccum.train import checkpoint
 from autoaccum.train.callbacks import Callback, Checkpoint, RunView
 from autoaccum.train.checkpoint_random import encode_random

@@ -129,8 +129,8 @@ def test_resuming_without_the_optimizer_state_would_not_be_exact(tmp_path: Path)
 
 def test_lbfgs_state_round_trips_though_fit_cannot_step_it() -> None:
     """LBFGS needs a closure that re-evaluates the loss, which a window of accumulated
-    micro-batches has not: fit's step raises torch's TypeError. Its state (lists of tensors,
-    counters) still round-trips through a checkpoint's state."""
+    micro-batches has not: fit refuses it up front. Its state (lists of tensors, counters)
+    still round-trips through a checkpoint's state."""
     model = mlp()
     optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
     x, y = samples(8).tensors
@@ -164,7 +164,7 @@ def test_lbfgs_state_round_trips_though_fit_cannot_step_it() -> None:
     assert all(
         torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True)
     )
-    with pytest.raises(TypeError, match="closure"):
+    with pytest.raises(autoaccum.ConfigError, match="closure"):
         autoaccum.fit(
             model,
             DataLoader(samples(8), batch_size=8),

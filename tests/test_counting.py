@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import autoaccum
-from autoaccum.train.counting import DefaultCount
+from autoaccum.step.counting import DefaultCount
 
 VOCAB = 40
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 import autoaccum
 from autoaccum.plan import make_plan
-from autoaccum.train.batches import split_batch
+from autoaccum.step.batches import split_batch
 
 
 def naive(

@@ -13,8 +13,8 @@ import torch
 
 from autoaccum.memory.collect import memory_report
 from autoaccum.memory.explain import explain
+from autoaccum.memory.peaks import peak_line
 from autoaccum.plan import make_plan
-from autoaccum.probing.peaks import peak_line
 from autoaccum.results import (
     AllocatorMemory,
     GpuMemory,

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 
-import pytest
 from helpers import OOM
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from autoaccum import search_max_batch
-from autoaccum.probing.meter import Reading
-from autoaccum.probing.peaks import TopReading, apply_margin, size_for_budget
+from autoaccum.memory.meter import Reading
+from autoaccum.memory.peaks import TopReading, apply_margin, size_for_budget
 from autoaccum.probing.search import AIM, max_trials
 
 GB = 10**9
@@ -216,8 +215,3 @@ def test_probe_top_reading_is_read_from_the_trials() -> None:
     assert apply_margin(22, margin=0.02, hit_limit=True, top=top) == 21
     unmeasured = search_max_batch(ScriptedDevice(limit=GB, oom_from=99), 64)
     assert TopReading.of(unmeasured.trials, unmeasured.largest_pass, None) is None
-
-
-@pytest.mark.parametrize("upper", [1, 2, 1000, 4096])
-def test_guided_bound_is_larger_by_the_jumps(upper: int) -> None:
-    assert max_trials(upper, guided=True) > max_trials(upper)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autoaccum import is_oom
-from autoaccum.probing.oom import OOM_TYPE, oom_kind, requested_bytes
+from autoaccum.step.oom import OOM_TYPE, oom_kind, requested_bytes
 
 REAL_OOM_MESSAGES = [
     # torch's CUDA caching allocator (torch 2.x)

@@ -14,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import autoaccum
 from autoaccum import BatchError, ConfigError, NoBatchFitsError
-from autoaccum.probing.peaks import apply_margin
+from autoaccum.memory.peaks import apply_margin
 
 
 def ce(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -308,11 +308,14 @@ def test_choose_fastest_times_the_candidates_and_says_why() -> None:
     model, opt = trained(limit=100)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64, choose="fastest")
-    plan = autoaccum.make_plan(64, result.max_micro, min_micro=2)
-    assert result.max_micro == plan.micro_batch  # one of the plans' own sizes
+    assert result.max_micro == 64  # the ceiling stays the ceiling
+    assert result.chosen is not None
+    plan = autoaccum.make_plan(64, result.chosen, min_micro=2)
+    assert result.chosen == plan.micro_batch  # one of the plans' own sizes
     assert result.choice.startswith(f"chose {plan.describe().split(' = ')[1].split(' (')[0]}")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no trace
     largest = autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64)
-    assert (largest.max_micro, largest.choice) == (64, "")  # the CPU's auto: the largest
+    # choose="auto" (the default) on the CPU is the largest: nothing picked under the ceiling
+    assert (largest.max_micro, largest.chosen, largest.choice) == (64, None, "")
     with pytest.raises(ConfigError, match="choose must be one of"):
         autoaccum.probe(model, data(), loss_fn=ce, optimizer=opt, upper=64, choose="quick")

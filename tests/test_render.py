@@ -14,8 +14,8 @@ from rich.console import Console
 import autoaccum
 from autoaccum.memory.collect import memory_report
 from autoaccum.memory.explain import explain, format_bytes
+from autoaccum.memory.peaks import peak_line
 from autoaccum.plan import make_plan
-from autoaccum.probing.peaks import peak_line
 from autoaccum.render import print_fit_report, print_report, render_text, renderable
 from autoaccum.render.tables import memory_bar
 from autoaccum.render.text import bar_widths

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import autoaccum
 from autoaccum import NoBatchFitsError
 from autoaccum.plan import make_plan
-from autoaccum.train.data.window import Window
+from autoaccum.train.data.cut import Window
 from autoaccum.train.resize import Resizer, rechunk, shrink
 
 

@@ -22,6 +22,10 @@ DATA = (
     "autoaccum.memory",
 )
 MAX_LINES = 350
+#: the package's folders, top down: a folder imports only folders below it (and the bottom)
+LAYERS = ("train", "render", "probing", "memory", "step")
+#: the small modules at the bottom, below every folder: they import no folder
+BOTTOM = ("plan", "results", "distributed", "device", "errors", "_version")
 
 
 def modules(root: Path) -> dict[str, Path]:
@@ -117,10 +121,40 @@ def violations(root: Path) -> list[str]:
             u.startswith((f"{package}.train.fit", f"{package}.cli")) for u in uses
         ):
             problems.append(f"{name} (data) imports a front door")
+        problems.extend(_direction(name, uses, package))
         lines = path.read_text().count("\n")
         if lines > MAX_LINES:
             problems.append(f"{name} has {lines} lines (over {MAX_LINES})")
     return problems
+
+
+def _layer(name: str, package: str) -> int | None:
+    """The layer index of module ``name``'s folder (len(LAYERS) for the bottom modules, None
+    for a front door: the top-level modules that may import anything)."""
+    parts = name.split(".")
+    if len(parts) < 2:
+        return None
+    if parts[1] in LAYERS:
+        return LAYERS.index(parts[1])
+    return len(LAYERS) if parts[1] in BOTTOM else None
+
+
+def _direction(name: str, uses: set[str], package: str) -> list[str]:
+    """A module importing a folder at or above its own (another folder) breaks the direction."""
+    mine = _layer(name, package)
+    if mine is None:
+        return []
+    found = []
+    for used in sorted(uses):
+        if not used.startswith(package + "."):
+            continue
+        theirs = _layer(used, package)
+        same_folder = used.split(".")[1] == name.split(".")[1]
+        both_bottom = theirs == mine == len(LAYERS)  # the small modules import each other
+        if theirs is None or (theirs <= mine and not same_folder and not both_bottom):
+            folder = ".".join(used.split(".")[:2])
+            found.append(f"{name} imports {folder}, which is not below it")
+    return sorted(set(found))
 
 
 def test_the_package_keeps_its_structure() -> None:
@@ -155,6 +189,11 @@ def test_the_check_catches_each_kind_of_violation(tmp_path: Path) -> None:
     _write(root, "probing/__init__.py", "def f():\n    from autoaccum.render import draw\n")
     _write(root, "memory/explain.py", "from autoaccum.train.fit import fit\n")
     _write(root, "big.py", "x = 1\n" * (MAX_LINES + 1))
+    _write(root, "step/oom.py", "from autoaccum.train.window import f\n")  # upward
+    _write(root, "train/__init__.py", "")
+    _write(root, "train/window.py", "")
+    _write(root, "errors.py", "from autoaccum.step.oom import g\n")  # the bottom, upward
+    _write(root, "step/model.py", "from autoaccum.hf import plan\n")  # a front door
     found = violations(root)
     assert sorted(found) == sorted(
         [
@@ -164,6 +203,11 @@ def test_the_check_catches_each_kind_of_violation(tmp_path: Path) -> None:
             "autoaccum.memory imports rich outside autoaccum.render",
             "autoaccum.memory.explain (data) imports a front door",
             "autoaccum.probing imports the renderer",
+            "autoaccum.probing imports autoaccum.render, which is not below it",
+            "autoaccum.memory.explain imports autoaccum.train, which is not below it",
+            "autoaccum.step.oom imports autoaccum.train, which is not below it",
+            "autoaccum.errors imports autoaccum.step, which is not below it",
+            "autoaccum.step.model imports autoaccum.hf, which is not below it",
         ]
     )
 

@@ -4,8 +4,8 @@ in words. Pure data: drawing it is :mod:`autoaccum.render`'s job."""
 
 from __future__ import annotations
 
+from autoaccum.memory.peaks import peak_line, peak_points
 from autoaccum.plan import Plan
-from autoaccum.probing.peaks import peak_line, peak_points
 from autoaccum.results import MemoryBreakdown, MemoryReport, PeakLine, ProbeResult
 
 __all__ = ["explain", "format_bytes"]
@@ -59,9 +59,7 @@ def _capacity(
 def _reasons(probe: ProbeResult | None, plan: Plan, line: PeakLine | None) -> list[str]:
     reasons = []
     if probe is not None:
-        if probe.choice:
-            margin = f"under a {probe.margin:.0%} margin, the fastest plan's micro-batch"
-        elif probe.max_micro < probe.largest_pass:
+        if probe.max_micro < probe.largest_pass:
             margin = f"less a {probe.margin:.0%} margin"
         else:
             margin = "no margin taken"
@@ -71,8 +69,8 @@ def _reasons(probe: ProbeResult | None, plan: Plan, line: PeakLine | None) -> li
             f"{probe.limited_by}); {margin} → max_micro {probe.max_micro}"
         )
         reasons.extend(probe.notes)
-        if probe.choice:
-            reasons.append(probe.choice)
+        if probe.chosen is not None:
+            reasons.append(f"under that ceiling, the fastest plan's micro-batch: {probe.choice}")
     else:
         reasons.append(f"max_micro {plan.max_micro} given by the user: no probe ran")
     reasons.append(

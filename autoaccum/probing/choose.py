@@ -283,7 +283,6 @@ def choose_fastest(
     step_seconds: float = 0.0,
     min_micro: int = 1,
     tolerance: float = DEFAULT_TOLERANCE,
-    world_size: int = 1,
 ) -> Choice:
     """The plan with the most samples/s among the timed sizes, all at most ``ceiling``.
 
@@ -291,11 +290,10 @@ def choose_fastest(
     micro-batch size to the seconds of one micro-step (forward and backward, gradients
     accumulating) at that size; ``step_seconds`` is one optimizer step. Every plan within
     ``tolerance`` of the fastest counts as equally fast, and the one with the smallest
-    micro-batch among them is chosen (it leaves memory for a longer batch). Rates are one
-    rank's; ``choice.plan`` is the plan for ``per_rank × world_size`` samples whose
-    ``max_micro`` is the chosen micro-batch (the probe's ceiling stays the probe's).
+    micro-batch among them is chosen (it leaves memory for a longer batch). ``choice.plan``
+    is the plan for ``per_rank`` samples on one rank whose ``max_micro`` is the chosen
+    micro-batch (the probe's ceiling stays the probe's ``max_micro``).
     """
-    check_count("world_size", world_size)
     check_count("ceiling", ceiling)
     check_count("min_micro", min_micro)
     tol = check_fraction("tolerance", tolerance, below=1.0, default=DEFAULT_TOLERANCE)
@@ -310,5 +308,5 @@ def choose_fastest(
     fastest = max(rates, key=lambda r: (r.samples_per_s, -r.micro_batch))
     floor = fastest.samples_per_s * (1 - tol)
     chosen = min((r for r in rates if r.samples_per_s >= floor), key=lambda r: r.micro_batch)
-    plan = make_plan(per_rank * world_size, chosen.micro_batch, world_size, min_micro=min_micro)
+    plan = make_plan(per_rank, chosen.micro_batch, min_micro=min_micro)
     return Choice(plan, chosen.samples_per_s, rates, tol, _reason(chosen, fastest, rates))

@@ -3,7 +3,7 @@
 The decision itself is pure (:mod:`~autoaccum.probing.choose`); this module runs the timings
 with the probe's own trial pieces, inside the probe's snapshot (so the optimizer step it
 times leaves no trace). A candidate that runs out of memory while being timed is dropped.
-On several ranks every timing is the slowest rank's (all ranks then choose alike).
+Timings are one process's: with several ranks the probe keeps the largest plan.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from autoaccum.errors import ConfigError
 from autoaccum.probing.choose import Choice, candidate_sizes, choose_fastest, time_call
-from autoaccum.probing.oom import free_memory, is_oom
+from autoaccum.step.oom import free_memory, is_oom
 
 __all__ = ["CHOICES", "check_choose", "time_and_choose"]
 
@@ -48,25 +48,22 @@ def time_and_choose(
     optimizer_step: Callable[[], object],
     cleanup: Callable[[], object],
     sync: Callable[[], object],
-    slowest: Callable[[float], float],
     device: torch.device,
 ) -> Choice | None:
     """Time one micro-step at each candidate size and one optimizer step, then choose; None
-    when no candidate could be timed. ``slowest`` takes this rank's seconds to every rank's
-    slowest (the identity on one rank); ``cleanup`` drops the gradients between sizes."""
+    when no candidate could be timed (one process: several ranks plan with the largest).
+    ``cleanup`` drops the gradients between sizes."""
     timings: dict[int, float] = {}
     for size in candidate_sizes(per_rank, ceiling, min_micro):
         seconds = _timed(partial(micro_step, size), sync)
         cleanup()
         if seconds is None:  # outside the except block: no frame pins the failed tensors
             free_memory(device)
-        # every rank takes part in every reduction, whatever its own timing gave
-        agreed = slowest(seconds if seconds is not None else float("inf"))
-        if agreed != float("inf"):
-            timings[size] = agreed
+        if seconds is not None:
+            timings[size] = seconds
     if not timings:
         return None
     micro_step(min(timings))  # gradients exist for the step to update, as in training
-    step = slowest(_timed(optimizer_step, sync) or 0.0)
+    step = _timed(optimizer_step, sync) or 0.0
     cleanup()
     return choose_fastest(per_rank, ceiling, timings, step_seconds=step, min_micro=min_micro)

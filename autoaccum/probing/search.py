@@ -9,10 +9,10 @@ from collections.abc import Callable
 import torch
 
 from autoaccum.errors import ConfigError, NoBatchFitsError, check_count
-from autoaccum.probing.meter import Meter, meter_for
-from autoaccum.probing.oom import free_memory, oom_kind
-from autoaccum.probing.peaks import size_for_budget
+from autoaccum.memory.meter import Meter, meter_for
+from autoaccum.memory.peaks import size_for_budget
 from autoaccum.results import ProbeResult, TrialRecord
+from autoaccum.step.oom import free_memory, oom_kind
 
 __all__ = ["AIM", "MAX_JUMPS", "Agree", "Trial", "max_trials", "search_max_batch"]
 
@@ -49,7 +49,7 @@ def _run_trial(trial: Trial, size: int, may_limit: bool) -> tuple[bool, str | No
     return True, None
 
 
-class _Steps:
+class _Sizes:
     """Chooses the next size: exponential growth (memory-guided where readings allow),
     then bisection between the largest size that passed and the smallest that did not."""
 
@@ -117,10 +117,10 @@ def search_max_batch(
     passed and the first that failed. It assumes that memory grows with size (a size
     above one that failed would fail too).
 
-    Where the device reports memory (a :class:`~autoaccum.probing.meter.Meter`; on CUDA one is
+    Where the device reports memory (a :class:`~autoaccum.memory.meter.Meter`; on CUDA one is
     made for ``device``), each trial's peaks are recorded and the growth is *guided*:
     once two sizes have passed, the line through their peaks
-    (:func:`~autoaccum.probing.peaks.size_for_budget`) predicts the size
+    (:func:`~autoaccum.memory.peaks.size_for_budget`) predicts the size
     that fills :data:`AIM` of the device's limit and the search jumps there; from a size
     already past that aim, it jumps to the size predicted to fill the limit itself (at
     most :data:`MAX_JUMPS` jumps in all), then gallops up 1, 2, 4, … samples to the first
@@ -157,7 +157,7 @@ def search_max_batch(
     settled = baseline  # live bytes after the last trial that passed
     records: list[TrialRecord] = []
     guided = meter is not None and agree is None
-    steps = _Steps(lower, upper, meter.limit if guided and meter is not None else None, first)
+    sizes = _Sizes(lower, upper, meter.limit if guided and meter is not None else None, first)
 
     def attempt(size: int) -> bool:
         nonlocal settled
@@ -198,16 +198,16 @@ def search_max_batch(
         return passed
 
     while True:
-        size = steps.next
+        size = sizes.next
         passed = attempt(size)
-        if not passed and steps.lo == 0:
+        if not passed and sizes.lo == 0:
             raise NoBatchFitsError(_nothing_fits_message(lower, dev, records))
-        steps.advance(size, passed, records)
-        if steps.done():
+        sizes.advance(size, passed, records)
+        if sizes.done():
             break
     return ProbeResult(
-        largest_pass=steps.lo,
-        max_micro=steps.lo,
+        largest_pass=sizes.lo,
+        max_micro=sizes.lo,
         trials=tuple(records),
         lower=lower,
         upper=upper,

@@ -11,7 +11,6 @@ or a ``param_groups`` dict still sees the live value afterwards.
 from __future__ import annotations
 
 import copy
-import random
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -22,56 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoaccum.device import cuda_initialized
 from autoaccum.distributed import local_tensor
+from autoaccum.step.rng import RngState
 
-__all__ = [
-    "RngState",
-    "TrainingState",
-    "optimizer_hooks_off",
-    "preserved_rng",
-    "restore",
-    "snapshot",
-]
-
-
-@dataclass(frozen=True)
-class RngState:
-    """The global random streams: torch (CPU, every CUDA device in use), Python, numpy."""
-
-    cpu: torch.Tensor
-    cuda: list[torch.Tensor] | None
-    python: object
-    numpy: object  #: None when numpy was never imported (then nothing of it can have moved)
-
-    @classmethod
-    def capture(cls) -> RngState:
-        numpy = sys.modules.get("numpy")
-        return cls(
-            cpu=torch.get_rng_state(),
-            cuda=torch.cuda.get_rng_state_all() if cuda_initialized() else None,
-            python=random.getstate(),
-            numpy=numpy.random.get_state() if numpy is not None else None,
-        )
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-        random.setstate(self.python)  # type: ignore[arg-type]
-        numpy = sys.modules.get("numpy")
-        if numpy is not None and self.numpy is not None:
-            numpy.random.set_state(self.numpy)
-
-
-@contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Run a block without disturbing torch's (CPU, CUDA), Python's or numpy's RNG streams."""
-    state = RngState.capture()
-    try:
-        yield
-    finally:
-        state.restore()
+__all__ = ["TrainingState", "optimizer_hooks_off", "restore", "snapshot"]
 
 
 def _host(value: Any) -> Any:

@@ -1,9 +1,10 @@
 """Acting along the way: the callbacks a run calls, and the ones a user reaches for.
 
 A callback is any object with some of ``on_train_start(run)`` (once, before the first step),
-``on_step(run)`` (after every optimizer step), ``on_epoch_end(run)``, ``on_oom(run,
-resize)`` (after the micro-batch changed) and ``on_train_end(run)``; :class:`Callback` is a
-base class with all of them doing nothing.
+``on_step(run)`` (after every optimizer step), ``on_epoch_end(run)``, ``on_resize(run,
+resize)`` (after the micro-batch changed: shrunk after an out-of-memory error, or grown back;
+``on_oom``, its old name, still works for one release, with a warning) and
+``on_train_end(run)``; :class:`Callback` is a base class with all of them doing nothing.
 ``run`` is the run in progress (:class:`RunView`): ``run.state()`` says where it stands,
 ``run.stop()`` ends it after this step (on every rank), ``run.save_checkpoint(...)`` and
 ``run.evaluate(...)`` do what the built-ins do. Callbacks run on every rank (a checkpoint or
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,9 +30,18 @@ from typing import Any, Protocol
 from autoaccum.errors import ConfigError, check_count
 from autoaccum.plan import Plan
 from autoaccum.results import Resize
-from autoaccum.train.evaluate import check_evaluation_data
+from autoaccum.train.data import check_evaluation_data
 
-__all__ = ["Callback", "Checkpoint", "Evaluate", "Every", "JsonLog", "RunView", "StepState"]
+__all__ = [
+    "Callback",
+    "Checkpoint",
+    "Evaluate",
+    "Every",
+    "JsonLog",
+    "RunView",
+    "StepState",
+    "hook_of",
+]
 
 
 @dataclass(frozen=True)
@@ -43,10 +54,16 @@ class StepState:
     loss: float  #: that window's loss (item-weighted over the window, all ranks)
     lrs: tuple[float, ...]  #: each parameter group's learning rate now
     samples_seen: int
-    tokens_seen: float  #: items (count_fn) seen: tokens for token-level losses
+    items_seen: float  #: items (``count_fn``) seen: samples, or tokens for token-level losses
     micro_sizes: tuple[int, ...]  #: the plan in force (per rank)
     seconds: float  #: since the run started
     rank: int
+
+    @property
+    def tokens_seen(self) -> float:
+        """Deprecated name of :attr:`items_seen` (removed in the next release)."""
+        warnings.warn("StepState.tokens_seen is now items_seen", DeprecationWarning, stacklevel=2)
+        return self.items_seen
 
 
 class RunView(Protocol):
@@ -82,11 +99,29 @@ class Callback:
     def on_epoch_end(self, run: RunView) -> None:
         """After the last window of an epoch."""
 
-    def on_oom(self, run: RunView, resize: Resize) -> None:
+    def on_resize(self, run: RunView, resize: Resize) -> None:
         """After the micro-batch changed: shrunk after running out of memory, or grown back."""
 
     def on_train_end(self, run: RunView) -> None:
         """Once, after the last step."""
+
+
+def hook_of(callback: object, hook: str) -> Any:
+    """``callback``'s ``hook`` method (None when it has none). ``on_resize`` falls back to
+    ``on_oom``, its old name, with a deprecation warning."""
+    method = getattr(callback, hook, None)
+    if hook == "on_resize":
+        own = getattr(type(callback), "on_resize", None)
+        old = getattr(callback, "on_oom", None)
+        if callable(old) and own in (None, Callback.on_resize):
+            warnings.warn(
+                f"{type(callback).__name__}.on_oom is now on_resize (it runs when the "
+                "micro-batch shrinks and when it grows back); rename it",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return old
+    return method if callable(method) else None
 
 
 class Every(Callback):
@@ -177,7 +212,7 @@ class JsonLog(Callback):
             self._write(run, {"event": "eval", **metric})
         self._metrics = len(run.metrics)
 
-    def on_oom(self, run: RunView, resize: Resize) -> None:
+    def on_resize(self, run: RunView, resize: Resize) -> None:
         self._write(run, {"event": "resize", **asdict(resize)})
 
     def on_train_end(self, run: RunView) -> None:

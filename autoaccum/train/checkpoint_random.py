@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from autoaccum.errors import ConfigError
-from autoaccum.probing.state import RngState
+from autoaccum.step.rng import RngState
 from autoaccum.train.data.order import DrawState
 
 __all__ = ["SavedDraw", "SavedRandom", "SavedRng", "decode_random", "encode_random"]

@@ -8,7 +8,6 @@ only when something is to be shown).
 
 from __future__ import annotations
 
-import datetime
 import os
 import time
 import warnings
@@ -20,16 +19,17 @@ from torch import nn
 
 from autoaccum import distributed as D
 from autoaccum.device import check_device
-from autoaccum.errors import check_count, check_positive
+from autoaccum.errors import check_count, check_timeout
 from autoaccum.memory.collect import memory_report
 from autoaccum.memory.explain import explain
 from autoaccum.memory.footprint import footprint
-from autoaccum.probing.peaks import DEFAULT_MARGIN, check_margin
+from autoaccum.memory.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.results import FitResult
+from autoaccum.step.losses import CountFn, LossFn
+from autoaccum.step.model import check_model, has_batchnorm, train_mode
 from autoaccum.train.accumulator import Accumulator
 from autoaccum.train.checkpoint import resume_from
-from autoaccum.train.losses import CountFn, LossFn
-from autoaccum.train.model import check_model, has_batchnorm, train_mode
+from autoaccum.train.data import WindowSource, window_source
 from autoaccum.train.run import Run
 
 __all__ = ["fit"]
@@ -105,7 +105,7 @@ def fit(
     if max_micro is not None:
         check_count("max_micro", max_micro)
     check_margin(margin)
-    limit = datetime.timedelta(seconds=check_positive("timeout", timeout))
+    limit = check_timeout(timeout)
     saved, said = resume_from(resume, callbacks) if resume is not None else (None, None)
     wanted = check_device(device) if device is not None else None  # before the model moves
     created_group = D.init_from_env(wanted.type if wanted is not None else None, timeout=limit)
@@ -133,8 +133,9 @@ def fit(
             size_fn=size_fn,
             choose=choose,
         )
-        bar = _progress_bar(progress and info.is_main, loader, acc, epochs, max_steps)
-        run = Run(acc, loader, epochs=epochs, max_steps=max_steps, callbacks=[*callbacks, bar])
+        source = window_source(loader, rank=info.rank, world_size=info.world_size)
+        bar = _progress_bar(progress and info.is_main, source, acc, epochs, max_steps)
+        run = Run(acc, source, epochs=epochs, max_steps=max_steps, callbacks=[*callbacks, bar])
         with train_mode(model), bar:
             planned = saved is not None and run.resume(saved)
             if planned:
@@ -142,7 +143,7 @@ def fit(
             elif max_micro is not None:
                 acc.replan(max_micro)
             else:  # on the heaviest samples: no later micro-batch needs more memory
-                acc.probe_data(loader)
+                acc.probe_data(source)
             _warn_batchnorm(acc)
             run.train()
         assert acc.plan is not None  # planned above
@@ -162,7 +163,7 @@ def fit(
             oom_retries=acc.resizer.oom_retries,
             resizes=tuple(acc.resizer.resizes),
             samples_dropped=acc.samples_dropped,
-            tokens_seen=p.items,
+            items_seen=p.items,
             stopped_early=run.stopped is not None,
             evaluations=tuple(run.metrics),
             memory=memory,
@@ -196,7 +197,7 @@ def _warn_batchnorm(acc: Accumulator) -> None:
 
 def _progress_bar(
     enabled: bool,
-    loader: Iterable[Any],
+    source: WindowSource,
     acc: Accumulator,
     epochs: int,
     max_steps: int | None,
@@ -206,15 +207,15 @@ def _progress_bar(
         return _NoBar()
     from autoaccum.render import TrainProgress
 
-    return TrainProgress(lambda: _total_steps(loader, acc, epochs, max_steps))
+    return TrainProgress(lambda: _total_steps(source, acc, epochs, max_steps))
 
 
 def _total_steps(
-    loader: Iterable[Any], acc: Accumulator, epochs: int, max_steps: int | None
+    source: WindowSource, acc: Accumulator, epochs: int, max_steps: int | None
 ) -> int | None:
     """Optimizer steps the run will take, where knowable (for the bar's total)."""
     assert acc.plan is not None
-    per_epoch = acc.source(loader).num_windows(acc.plan)
+    per_epoch = source.num_windows(acc.plan)
     total = per_epoch * epochs if per_epoch is not None else None
     if max_steps is not None:
         total = min(total, max_steps) if total is not None else max_steps

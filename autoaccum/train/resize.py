@@ -21,11 +21,15 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from autoaccum.errors import BatchError, NoBatchFitsError, PlanError
+from autoaccum.memory.peaks import peak_line
 from autoaccum.plan import Plan, even_split, make_plan
-from autoaccum.results import Resize
-from autoaccum.train.batches import batch_size, concat_batches, split_batch
-from autoaccum.train.data.window import Window
+from autoaccum.results import ProbeResult, Resize
+from autoaccum.step.batches import batch_size, concat_batches, split_batch
+from autoaccum.step.oom import requested_bytes
+from autoaccum.train.data.cut import Window
 
 __all__ = ["GROW_AFTER", "SHRINK", "Resizer", "rechunk", "shrink"]
 
@@ -74,11 +78,33 @@ class Resizer:
 
     def __init__(self, ceiling: int | None = None, *, grow_after: int = GROW_AFTER) -> None:
         self.ceiling = ceiling
+        #: what the probe measured: the device's limit and each sample's bytes (None: unknown)
+        self.limit_bytes: float | None = None
+        self.per_sample: float | None = None
         self.grow_after = grow_after
         self.resizes: list[Resize] = []
         self.oom_retries = 0
         self.failures: Counter[int] = Counter()  #: out-of-memory errors per micro-batch size
         self.clean = 0  #: windows in a row without an out-of-memory error
+
+    def learn(self, found: ProbeResult | None) -> None:
+        """Keep what ``found`` measured about memory (for :meth:`reading`)."""
+        line = peak_line(found.trials) if found is not None else None
+        usable = found is not None and line is not None and line.per_sample > 0
+        self.limit_bytes = found.limit_bytes if usable and found is not None else None
+        self.per_sample = line.per_sample if usable and line is not None else None
+
+    def reading(self, message: str, device: torch.device) -> dict[str, float]:
+        """What an out-of-memory error says about the size to retry with, read while the failed
+        micro-step's tensors are still alive: the bytes beyond the device's limit, and each
+        sample's bytes (the probe's peak line). Empty where memory is not measured."""
+        requested = requested_bytes(message)
+        if self.limit_bytes is None or self.per_sample is None or requested is None:
+            return {}
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return {}
+        held = torch.cuda.memory_allocated(device)
+        return {"over_bytes": held + requested - self.limit_bytes, "per_sample": self.per_sample}
 
     def after_oom(
         self,

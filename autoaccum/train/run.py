@@ -14,7 +14,6 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,18 @@ import torch
 
 from autoaccum.errors import ConfigError, check_count
 from autoaccum.plan import Plan
-from autoaccum.probing.state import RngState
 from autoaccum.results import Resize
+from autoaccum.step.rng import RngState
 from autoaccum.train import checkpoint as ckpt
-from autoaccum.train import checkpoint_state
 from autoaccum.train.accumulator import Accumulator
-from autoaccum.train.callbacks import StepState
+from autoaccum.train.callbacks import StepState, hook_of
 from autoaccum.train.checkpoint_codec import encode
 from autoaccum.train.checkpoint_files import Folder
 from autoaccum.train.checkpoint_random import decode_random, encode_random
+from autoaccum.train.data import WindowSource
 from autoaccum.train.data.loader import LoaderWindows
 from autoaccum.train.evaluate import evaluate
-from autoaccum.train.window import StepOutcome
+from autoaccum.train.weights import StepOutcome
 
 __all__ = ["Run"]
 
@@ -45,14 +44,14 @@ class Run:
     def __init__(
         self,
         acc: Accumulator,
-        data: Iterable[Any],
+        source: WindowSource,
         *,
         epochs: int,
         max_steps: int | None,
         callbacks: Sequence[Any] = (),
     ) -> None:
         self.acc = acc
-        self.data = data
+        self.source = source  #: the data's windows, built once by fit
         self.epochs = epochs
         self.max_steps = max_steps
         self.callbacks = list(callbacks)
@@ -84,7 +83,7 @@ class Run:
             loss=p.losses[-1] if p.losses else float("nan"),
             lrs=tuple(float(g["lr"]) for g in self.acc.optimizer.param_groups),
             samples_seen=p.samples,
-            tokens_seen=p.items,
+            items_seen=p.items,
             micro_sizes=self.plan.micro_sizes,
             seconds=time.perf_counter() - self._started,
             rank=self.acc.dist.rank,
@@ -103,30 +102,20 @@ class Run:
         ``directory`` (files of other runs are never deleted)."""
         keep = check_count("keep", keep)
         acc = self.acc
-        acc.guard.agree("saving a checkpoint", where="saving a checkpoint")  # all ranks, or none
+        acc.ranks.agree("saving a checkpoint", where="saving a checkpoint")  # all ranks, or none
         if self._resumed is not None:  # resumed, not trained yet: the checkpoint's own state
             now, draw = self._resumed["now"], self._resumed["epoch_draw"]
         else:
             now = RngState.capture()
-            draw = acc.source(self.data).epoch_state(self.position.epoch)
-        states = acc.agreement.gather(encode_random(now, draw))
-        tensors = checkpoint_state.take(acc.model, acc.optimizer, writer=acc.dist.rank == 0)
-        if tensors is None:  # rank 0 writes
+            draw = self.source.epoch_state(self.position.epoch)
+        states = acc.ranks.gather(encode_random(now, draw))
+        state = acc.state_dict(writer=acc.dist.rank == 0)
+        if state is None:  # rank 0 writes
             return None
-        scheduler = checkpoint_state.scheduler_state(acc.scheduler)
         payload = ckpt.prepare(
             {
                 "run_id": self.run_id,
-                "target_batch": acc.target_batch,
-                "world_size": acc.dist.world_size,
-                "device": ckpt.device_identity(acc.device),
-                **tensors,
-                "scheduler": scheduler,
-                "scheduler_type": checkpoint_state.type_name(acc.scheduler) if scheduler else None,
-                "scaler": acc.scaler.state_dict(),
-                "plan": encode(acc.plan),
-                "probe": encode(acc.probe_result),
-                "resizer": acc.resizer.state_dict(),
+                **state,
                 "position": encode(self.position),
                 "random": states,
                 "metrics": [encode(m) for m in self.metrics],
@@ -160,37 +149,23 @@ class Run:
         False: the caller probes again). Everything is checked against this run first; on a
         mismatch a :class:`ConfigError`, and nothing was loaded."""
         acc, where = self.acc, saved.path or "the checkpoint"
-        ckpt.check_compatible(saved, acc.target_batch, acc.dist.world_size)
-        checkpoint_state.check_model(acc.model, saved.model, where)
-        checkpoint_state.check_optimizer(
-            acc.model, acc.optimizer, saved.optimizer, saved.optimizer_type, where
-        )
-        checkpoint_state.check_schedule(acc.scheduler, acc.scaler, saved, where)
         try:
             random = decode_random(saved.random[acc.dist.rank], f"random[{acc.dist.rank}]")
         except ConfigError as err:
             raise ConfigError(f"{where} is damaged: {err}") from None
-        if random["epoch_draw"] is None and isinstance(acc.source(self.data), LoaderWindows):
+        if random["epoch_draw"] is None and isinstance(self.source, LoaderWindows):
             raise ConfigError(
                 f"{where} was taken on data without a drawn order (a list of batches or an "
                 "iterable), this run reads a DataLoader: nothing was loaded. Resume with the "
                 "data it was taken with"
             )
-        checkpoint_state.put(acc.model, acc.optimizer, saved)  # checked: now load
-        if acc.scheduler is not None and saved.scheduler is not None:
-            acc.scheduler.load_state_dict(dict(saved.scheduler))
-        acc.scaler.load_state_dict(dict(saved.scaler))
+        same_device = acc.load_state_dict(saved)  # checks the rest before it loads anything
         self.position = saved.position
         self.metrics = [dict(m) for m in saved.metrics]
         self.run_id = saved.run_id
         self._continued = True
-        acc.steps = self.position.steps
         self._resumed = random
-        same_device = saved.device == ckpt.device_identity(acc.device)
-        if same_device:
-            acc.plan, acc.probe_result = saved.plan, saved.probe
-            acc.resizer.load_state_dict(asdict(saved.resizer))
-        else:
+        if not same_device:
             warnings.warn(
                 f"{where} was taken on {saved.device}, this run is on "
                 f"{ckpt.device_identity(acc.device)}: probing the micro-batch again (the plan "
@@ -205,7 +180,8 @@ class Run:
         its own), then every callback's ``on_train_start`` (a rank that fails there tells the
         others in the first window's exchange)."""
         if not self._continued:
-            self.run_id = str(self.acc.agreement.gather(self.run_id)[0])
+            self.acc.ranks.agree("starting the run (the settings of every rank)")
+            self.run_id = str(self.acc.ranks.gather(self.run_id)[0])
         self._call("on_train_start")
 
     # ------------------------------------------------------------------ the loop
@@ -240,12 +216,12 @@ class Run:
         window was trained)."""
         acc = self.acc
         if self._resumed is not None:  # draw the epoch's order again, then continue from now
-            acc.source(self.data).restore_epoch(epoch, self._resumed["epoch_draw"])
+            self.source.restore_epoch(epoch, self._resumed["epoch_draw"])
             now: RngState = self._resumed["now"]
             now.restore()
             self._resumed = None
         trained = 0
-        windows = acc.windows(self.data, epoch, skip=skip)
+        windows = acc.windows(self.source, epoch, skip=skip)
         for window in windows:
             changes = len(acc.resizer.resizes)
             outcome = acc.train_window(window)
@@ -261,9 +237,9 @@ class Run:
                 losses=(*p.losses, outcome.loss),
             )
             for resize in acc.resizer.resizes[changes:]:
-                self._call("on_oom", resize)
+                self._call("on_resize", resize)
             self._call("on_step")
-            asked = acc.guard.agree(
+            asked = acc.ranks.agree(
                 "the stop check after a step's callbacks",
                 stop=self._stop_asked is not None,
                 where="a callback",
@@ -278,7 +254,7 @@ class Run:
         """Whether window ``index`` was its epoch's last, known without reading the data
         ahead; where the epoch's length is unknown, it was not taken to be."""
         assert self.acc.plan is not None  # a run trains a planned accumulator
-        count = self.acc.source(self.data).num_windows(self.acc.plan)
+        count = self.source.num_windows(self.acc.plan)
         return count is not None and index + 1 >= count
 
     def _move(self, **changes: Any) -> None:
@@ -286,6 +262,6 @@ class Run:
 
     def _call(self, hook: str, *args: Resize) -> None:
         for callback in self.callbacks:
-            method = getattr(callback, hook, None)
-            if callable(method):
-                self.acc.guard.run(partial(method, self, *args), f"a callback's {hook}")
+            method = hook_of(callback, hook)
+            if method is not None:
+                self.acc.ranks.run(partial(method, self, *args), f"a callback's {hook}")

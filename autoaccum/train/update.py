@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["apply_update"]
+from autoaccum.step.oom import is_oom
+
+__all__ = ["apply_update", "note_failed_update"]
 
 
 def apply_update(
@@ -41,3 +43,14 @@ def apply_update(
         else:
             scheduler.step()
     return stepped
+
+
+def note_failed_update(exc: BaseException, where: str) -> BaseException:
+    """``exc``, with a note saying what an out-of-memory error in the update means."""
+    if is_oom(exc):
+        exc.add_note(
+            f"autoaccum: this happened in the optimizer update of {where}, after every "
+            "micro-batch of the window; the weights may be partly updated, so the window is not "
+            "run again (its gradients were cleared)"
+        )
+    return exc

@@ -1,103 +1,71 @@
-"""A window in training: its micro-batches with their weights, and its running state.
+"""One window, end to end: the micro-steps of one optimizer step, the ranks' agreement on each,
+the out-of-memory retry, the gradient reduction and the optimizer step, in the order they
+happen. The weights that make the step exact are :mod:`autoaccum.train.weights`'.
 
-The window's loss is the item-weighted mean over every item (sample or token) of the
-window on every rank:  L = Σ_i mean_i · count_i / N,  N = Σ_i count_i over all ranks.
-Counts are known before the first backward (the window is collated on the host and
-``count_fn`` runs there; the total is all-reduced once, :func:`open_window`), so micro-step
-i backpropagates ``mean_i · count_i · world / N``: DDP's gradient average over ``world``
-ranks then lands exactly on ∇L. Dividing by ``accum_iter`` instead is only right when
-every micro-batch carries the same number of items, which uneven splits (86, 85, 85),
-token-level losses and the short last window of an epoch all break.
+On several ranks one window exchanges these words (:mod:`autoaccum.step.ranks`), in order::
 
-The open window's running state (:class:`OpenWindow`) keeps what went through backward
-and the float64 loss sum; :class:`BufferBackup` the buffers to put back if the window is
-dropped.
+    1          counting a window's items   open()         items and samples over all ranks,
+                                                           each rank's micro-steps
+    2 … n+1    a micro-step                micro_steps()  after each: out of memory? failed?
+                                                           (a rank with fewer micro-steps says
+                                                           "nothing" until the longest is done)
+    n+2        the window's loss           step()         non-finite: dropped on every rank
+               (deferred sync: the gradients' all-reduce, now that every rank succeeded)
+    n+3        the optimizer update        step()         did every rank's update succeed?
+
+and, between windows, the stop check after the callbacks (:mod:`autoaccum.train.run`). An
+out-of-memory error agreed at 2 … n+1 drops the window on every rank; :meth:`WindowTrainer.train`
+re-cuts it smaller and starts again at 1. In one process every exchange is free.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import nn
 
 from autoaccum import distributed as D
-from autoaccum.errors import ConfigError, check_item_count
-from autoaccum.train.batches import batch_size
-from autoaccum.train.data.window import Window
-from autoaccum.train.losses import CountFn
+from autoaccum.errors import ConfigError, DistributedError, NonFiniteLossError
+from autoaccum.plan import Plan
+from autoaccum.step.batches import to_device
+from autoaccum.step.losses import CountFn, LossFn, check_loss
+from autoaccum.step.oom import free_memory, is_oom
+from autoaccum.step.precision import autocast
+from autoaccum.step.ranks import Ranks
+from autoaccum.train import weights as W
+from autoaccum.train.data.cut import Window
+from autoaccum.train.resize import Resizer, rechunk
+from autoaccum.train.update import apply_update, note_failed_update
+from autoaccum.train.weights import BufferBackup, Micro, OpenWindow, StepOutcome
 
-__all__ = [
-    "BufferBackup",
-    "Micro",
-    "OpenWindow",
-    "StepOutcome",
-    "TrainWindow",
-    "check_items",
-    "count_window",
-    "open_window",
-    "window_samples",
-]
-
-
-class _Opener(Protocol):
-    """What opens a window: the :class:`~autoaccum.train.accumulator.Accumulator`."""
-
-    def begin(self, window: TrainWindow) -> list[Micro]: ...
-
-
-@dataclass(frozen=True)
-class Micro:
-    """One micro-batch of a window, with the weight its mean loss gets in the window's loss."""
-
-    batch: Any  #: the host batch
-    index: int  #: 0-based position in its window
-    count: float  #: items its mean loss is over (``count_fn``)
-    weight: float  #: ``count · world_size / N``: its share of the window's loss, times ranks
-    last: bool  #: the micro-step that reduces the window's gradients across ranks
-    window: TrainWindow = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """What one window's optimizer step did."""
-
-    loss: float  #: the true window loss (item-weighted, all ranks)
-    samples: int  #: samples in the window (all ranks)
-    items: float  #: items behind the loss (all ranks)
-    stepped: bool  #: False when the fp16 GradScaler skipped the step (inf/NaN gradients)
+__all__ = ["TrainWindow", "WindowTrainer"]
 
 
 class TrainWindow:
-    """A window bound to its accumulator; iterating it yields its :class:`Micro`\\ s.
+    """A window of data bound to the trainer that runs it; iterating it opens it (exchange 1)
+    and yields its :class:`~autoaccum.train.weights.Micro` s, each weighted before the first
+    backward."""
 
-    Iterating counts the items of every micro-batch first (all-reduced across ranks), so each
-    micro-batch knows its weight before the first backward.
-    """
-
-    def __init__(self, accumulator: _Opener, window: Window) -> None:
-        self.accumulator = accumulator
-        self.data = window
+    def __init__(self, trainer: WindowTrainer, data: Window) -> None:
+        self.trainer = trainer
+        self.data = data
         self._origin = self  #: the window as windows() yielded it (recut ones share its fate)
         self._applied = False
 
-    @property
-    def epoch(self) -> int:
-        return self.data.epoch
-
-    @property
-    def index(self) -> int:
-        return self.data.index
-
-    @property
-    def samples(self) -> int:
-        return self.data.samples
+    epoch = property(lambda self: self.data.epoch)
+    index = property(lambda self: self.data.index)
+    samples = property(lambda self: self.data.samples)
 
     def __len__(self) -> int:
         return len(self.data.micro_batches)
+
+    def __iter__(self) -> Iterator[Micro]:
+        return iter(self.trainer.open(self))
 
     @property
     def applied(self) -> bool:
@@ -114,126 +82,261 @@ class TrainWindow:
         if list(micro_batches) == list(self.data.micro_batches):
             return self
         data = dataclasses.replace(self.data, micro_batches=tuple(micro_batches))
-        recut = TrainWindow(self.accumulator, data)
+        recut = TrainWindow(self.trainer, data)
         recut._origin = self._origin
         return recut
 
-    def __iter__(self) -> Iterator[Micro]:
-        return iter(self.accumulator.begin(self))
 
+@dataclasses.dataclass(eq=False)
+class WindowTrainer:
+    """Runs one window at a time. ``module`` is the user's model; ``model`` what training
+    calls (DDP's wrapper, an FSDP2 module, or the module itself); :attr:`forward_model` what a
+    micro-step's forward calls."""
 
-def count_window(micro_batches: Sequence[Any], count_fn: CountFn, where: str) -> list[float]:
-    """Items per micro-batch of this rank's part of a window, checked."""
-    return [
-        check_item_count(count_fn(mb), f"{where}, micro-batch {i + 1}")
-        for i, mb in enumerate(micro_batches)
-    ]
+    module: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: LossFn
+    count_fn: CountFn
+    device: torch.device
+    precision: str
+    max_grad_norm: float | None
+    prefetch: bool
+    sync: str
+    ranks: Ranks
+    resizer: Resizer
+    steps: int = 0  #: optimizer steps taken or attempted (the windows stepped so far)
+    _open: tuple[TrainWindow, list[Micro], OpenWindow] | None = None
+    _buffers: BufferBackup = dataclasses.field(default_factory=BufferBackup)
+    _prepared: bool = False  #: the count function's ``prepare`` has run
 
+    @property
+    def forward_model(self) -> nn.Module:
+        """DDP's inner module when :meth:`step` reduces the gradients (deferred sync: no DDP
+        forward, hence no collective inside a micro-step), else :attr:`model`."""
+        if self.sync == "deferred" and isinstance(self.model, nn.parallel.DistributedDataParallel):
+            inner: nn.Module = self.model.module
+            return inner
+        return self.model
 
-def window_samples(micro_batches: Sequence[Any]) -> int:
-    return sum(batch_size(mb) for mb in micro_batches)
+    def where(self, window: Window) -> str:
+        return f"optimizer step {self.steps + 1} (epoch {window.epoch}, window {window.index})"
 
+    # ------------------------------------------------------------------ 1: open the window
 
-def check_items(items: float, where: str) -> None:
-    """Every window needs an item somewhere (on some rank) to define its mean loss."""
-    if items <= 0:
-        raise ConfigError(
-            f"count_fn counted 0 items in the whole window ({where}); every window needs at "
-            "least one item (e.g. a target token that is not ignored) to define a mean loss"
+    def open(self, window: TrainWindow) -> list[Micro]:
+        """Count the window's items on every rank (exchange 1) and weigh its micro-batches.
+        A window already applied, a new one while another is open, or one iterated again after
+        some backward() is an error (the open one is dropped)."""
+        if window.applied:
+            raise ConfigError(W.applied_twice(window.index, window.epoch))
+        if self._open is not None and (problem := W.reopened(*self._open[::2], window)):
+            self.abort()
+            raise ConfigError(problem)
+        self.module.zero_grad(set_to_none=True)  # nothing left by a stray backward before
+        where, batches = self.where(window.data), window.data.micro_batches
+
+        def count() -> list[float]:
+            prepare = getattr(self.count_fn, "prepare", None)
+            if callable(prepare) and not self._prepared:  # e.g. whether the model shifts labels
+                prepare(self.forward_model, to_device(batches[0], self.device))
+                self._prepared = True
+            return W.count_window(batches, self.count_fn, where)
+
+        counts = self.ranks.run(count, where)
+        agreed = self.ranks.agree(  # exchange 1
+            "counting a window's items",
+            items=sum(counts),
+            samples=W.window_samples(batches),
+            each=len(batches),
+            where=where,
         )
-
-
-class BufferBackup:
-    """The model's buffers (BatchNorm statistics, counters) as they were when a window began,
-    so that a window that is dropped (an error, an out-of-memory retry) leaves no trace in
-    them. The copies are allocated once and refilled in place."""
-
-    def __init__(self) -> None:
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    @torch.no_grad()
-    def save(self, model: nn.Module) -> None:
-        buffers = [D.local_tensor(b) for b in model.buffers()]
-        same = len(buffers) == len(self._pairs) and all(
-            b is kept and b.shape == copy.shape and b.dtype == copy.dtype
-            for b, (kept, copy) in zip(buffers, self._pairs, strict=True)
+        W.check_items(agreed.items, where)
+        micros, state = W.open_window(
+            window, counts, agreed.items, agreed.samples, self.ranks.size, self.device
         )
-        if not same:
-            self._pairs = [(b, b.detach().clone()) for b in buffers]
-            return
-        for buffer, copy in self._pairs:
-            copy.copy_(buffer)
+        state.most_steps = max(agreed.each)
+        self._buffers.save(self.module)
+        if self.prefetch:
+            state.prefetch(micros, -1, self.device)
+        self._open = (window, micros, state)
+        return micros
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        for buffer, copy in self._pairs:
-            buffer.copy_(copy)
+    # ------------------------------------------------------------------ one micro-step
 
-
-class OpenWindow:
-    """The running state of the window being trained: micro-steps done, the loss so far."""
-
-    def __init__(self, micros: int, items: float, samples: int, device: torch.device) -> None:
-        self.micros = micros
-        self.items = items
-        self.samples = samples
-        self.done = 0
-        # float64 accumulation of the reported loss; MPS has no float64
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.loss_sum = torch.zeros((), dtype=dtype, device=device)
-        self.micro_losses: list[torch.Tensor] = []
-        self.upcoming: Any = None  #: the next micro-batch, already on its way to the device
-        self.most_steps = micros  #: the most micro-steps any rank has in this window
-
-    def expect(self, index: int) -> None:
-        """Check that micro-batch ``index`` is the next one to go through backward."""
-        if index != self.done:
+    def backward(self, micro: Micro) -> torch.Tensor:
+        """Forward and backward of one micro-batch, weighted by its share of the window's
+        items; its mean loss, detached. A micro-batch without items (every target ignored)
+        adds nothing, and is skipped where no collective needs it to run."""
+        if self._open is None or micro.window is not self._open[0]:
             raise ConfigError(
-                f"backward() got micro-batch {index + 1} of {self.micros} but expected "
-                f"{self.done + 1}: each micro-batch once, in order"
+                "backward() got a micro-batch that is not of the open window; iterate "
+                "`for micro in window` over a window from acc.windows(...)"
             )
+        _, micros, state = self._open
+        try:
+            state.expect(micro.index)
+        except ConfigError:
+            self.abort()
+            raise
+        run, weight = micro, micro.weight
+        if micro.count == 0 and self.sync == "overlap":  # the collectives must still run
+            run, weight = W.stand_in(micros, self.where(micro.window.data)), 0.0
+        prefetched = state.prefetch(micros, micro.index, self.device) if self.prefetch else None
+        if micro.count == 0 and run is micro:  # nothing to add, and nothing needs it to run
+            state.skip()
+            return torch.zeros(())
+        batch = prefetched if prefetched is not None and run is micro else None
+        if batch is None:
+            batch = to_device(run.batch, self.device)
+        where = f"{self.where(micro.window.data)}, micro-batch {micro.index + 1}"
+        try:
+            with self._sync(micro.last):
+                with autocast(self.precision, self.device):
+                    loss = check_loss(self.loss_fn(self.forward_model, batch), where)
+                if loss.dtype in (torch.float16, torch.bfloat16):
+                    loss = loss.float()  # weight in fp32: bf16 has 8 bits of mantissa
+                self.scaler.scale(loss * weight).backward()  # type: ignore[no-untyped-call]
+        except BaseException:
+            self.abort()
+            raise
+        detached = loss.detach()
+        del loss, batch
+        state.add(detached, micro.count)
+        return detached
 
-    def add(self, loss: torch.Tensor, count: float) -> None:
-        """Record micro-step ``self.done``'s mean loss over ``count`` items."""
-        value = loss.to(self.loss_sum.dtype)
-        self.micro_losses.append(value)
-        if count:  # a micro-batch without items adds nothing (its mean may be NaN: 0/0)
-            self.loss_sum += value * count
-        self.done += 1
+    def _sync(self, last: bool) -> AbstractContextManager[None]:
+        """Overlapped sync: DDP's / FSDP2's reduction runs in the last micro-step only."""
+        return D.gradient_sync(self.model, last) if self.sync == "overlap" else nullcontext()
 
-    def skip(self) -> None:
-        """Record micro-step ``self.done`` as one without items, trained without compute."""
-        self.micro_losses.append(torch.zeros((), dtype=self.loss_sum.dtype))
-        self.done += 1
+    # ------------------------------------------------------------------ 2 … n+1: every micro-step
 
-    def non_finite_message(self, window_loss: float, where: str, rank: int, world: int) -> str:
-        bad = [i for i, value in enumerate(self.micro_losses) if not torch.isfinite(value)]
-        detail = (
-            f"micro-batch {bad[0] + 1} of {len(self.micro_losses)} on rank {rank} gave "
-            f"{float(self.micro_losses[bad[0]])}"
-            if bad
-            else f"a micro-batch on another of the {world} ranks was non-finite"
-        )
-        return (
-            f"the loss was {window_loss} at {where}: {detail}. Nothing of this window was applied "
-            "to the weights. Check the data of that window for NaN/inf, lower the learning rate, "
-            "set max_grad_norm, or use precision='bf16' instead of 'fp16'"
-        )
+    def micro_steps(self, window: TrainWindow) -> dict[str, float] | None:
+        """Every micro-step of ``window``, each agreed on by every rank (exchanges 2 … n+1):
+        None when all succeeded; after an out-of-memory error on any rank (the window dropped
+        on every rank), what it tells about the size to retry with."""
+        where = self.where(window.data)
+        for micro in window:
+            failure: BaseException | None = None
+            reading: dict[str, float] | None = None
+            try:
+                self.backward(micro)
+            except Exception as exc:
+                if is_oom(exc):  # read while the failed step's tensors are still alive
+                    reading = self.resizer.reading(str(exc), self.device)
+                else:
+                    failure = exc
+            if not self.ranks.multi and failure is not None:
+                raise failure
+            here = f"{where}, micro-batch {micro.index + 1}"
+            agreed = self.ranks.agree(
+                "a micro-step", failure=failure, where=here, oom=reading is not None
+            )
+            if agreed.oom:
+                return self._drop_after_oom(agreed.oom, reading, here)
+        state = self._open[2] if self._open is not None else None
+        for _ in range((state.most_steps if state else 0) - len(window)):  # fewer: wait
+            agreed = self.ranks.agree("a micro-step", where=where)
+            if agreed.oom:
+                return self._drop_after_oom(agreed.oom, None, where)
+        return None
 
+    def _drop_after_oom(
+        self, ranks_out: int, reading: dict[str, float] | None, where: str
+    ) -> dict[str, float]:
+        """Drop the window on this rank after ``ranks_out`` ranks ran out of memory, where
+        re-running it is safe; otherwise stop every rank with a clear error."""
+        self.abort()  # every rank drops the window (the failing one already has)
+        if self.ranks.multi and self.sync != "deferred":
+            raise DistributedError(
+                f"{ranks_out} rank(s) ran out of memory at {where} with sync='overlap' (FSDP2, "
+                "or DDP's overlapped reduction), where the other ranks may be inside a "
+                "collective that the failed rank will never join: no rank can safely re-run "
+                "the window, so every rank stops. Use DDP with sync='deferred' to recover from "
+                "such errors, or a smaller max_micro"
+            )
+        free_memory(self.device)  # outside the except block: no frame pins the tensors
+        return reading if reading is not None and not self.ranks.multi else {}
 
-def open_window(
-    window: TrainWindow,
-    counts: list[float],
-    items: float,
-    samples: int,
-    world: int,
-    device: torch.device,
-) -> tuple[list[Micro], OpenWindow]:
-    """The window's micro-batches with their weights (``items`` and ``samples`` over all
-    ``world`` ranks), and its fresh running state."""
-    last = len(counts) - 1
-    micros = [
-        Micro(batch, i, count, count * world / items, i == last, window)
-        for i, (batch, count) in enumerate(zip(window.data.micro_batches, counts, strict=True))
-    ]
-    return micros, OpenWindow(len(micros), items, samples, device)
+    # ------------------------------------------------------------------ n+2, n+3: the step
+
+    def step(self) -> StepOutcome:
+        """Apply the window: agree on its loss (n+2), reduce the gradients (deferred sync),
+        clip, step the optimizer and the scheduler, agree on the update (n+3); its gradients
+        are gone afterwards. A partial window (mis-weighted) or a non-finite loss is an error
+        that applies nothing; once the optimizer stepped, nothing of it runs again."""
+        if self._open is None:
+            raise ConfigError("step() without a window: iterate a window from acc.windows(...)")
+        window, _, state = self._open
+        if state.done != state.micros:
+            self.abort()
+            raise ConfigError(
+                f"step() after {state.done} of {state.micros} micro-batches of the window: a "
+                "partial window would be mis-weighted; call backward() on every micro-batch "
+                "(the window was dropped, nothing of it applied)"
+            )
+        where = self.where(window.data)
+        agreed = self.ranks.agree("the window's loss", loss=float(state.loss_sum), where=where)
+        window_loss = agreed.loss / state.items
+        if not math.isfinite(window_loss):
+            self.abort()
+            rank, size = self.ranks.rank, self.ranks.size
+            raise NonFiniteLossError(state.non_finite_message(window_loss, where, rank, size))
+        self._open = None
+        window.applied = True  # from here on nothing of the window is run again
+        self.steps += 1
+        try:
+            if self.sync == "deferred":
+                D.reduce_gradients(self.module, self.ranks.info)
+                if getattr(self.model, "broadcast_buffers", False):
+                    D.broadcast_buffers(self.module, self.ranks.info)
+            stepped = self._update(window_loss, where)
+        finally:  # applied or failed, the window's gradients are gone
+            self.optimizer.zero_grad(set_to_none=True)
+            self.module.zero_grad(set_to_none=True)
+        return StepOutcome(window_loss, state.samples, state.items, stepped)
+
+    def _update(self, window_loss: float, where: str) -> bool:
+        """The optimizer update, then exchange n+3: a rank whose update failed (its weights
+        possibly half-updated) stops every rank."""
+        failure: BaseException | None = None
+        stepped = False
+        try:
+            stepped = apply_update(
+                self.optimizer, self.scaler, self.scheduler, self.max_grad_norm, window_loss
+            )
+        except Exception as exc:
+            failure = note_failed_update(exc, where)
+        if self.ranks.multi:
+            here = f"the optimizer update of {where}"
+            self.ranks.agree("the optimizer update", failure=failure, where=here)
+        if failure is not None:
+            raise failure
+        return stepped
+
+    def abort(self) -> None:
+        """Drop the open window: its gradients are cleared and the model's buffers put back;
+        nothing of it reaches the weights."""
+        if self._open is not None:
+            self._buffers.restore()
+        self._open = None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        D.drop_unsynced_grads(self.model)
+
+    # ------------------------------------------------------------------ the robust path
+
+    def train(self, window: TrainWindow, plan: Plan) -> tuple[StepOutcome, Plan]:
+        """All of ``window``'s micro-steps and its optimizer step under ``plan``; the outcome
+        and the next window's plan. After an out-of-memory error on any rank the window is
+        dropped and re-run smaller on every rank: nothing of it had reached the weights, and
+        the gradient is count-weighted, so the step is the same (the sizes: the resizer)."""
+        current = window.recut(rechunk(window.data.micro_batches, plan))
+        while (oom := self.micro_steps(current)) is not None:
+            where = self.where(window.data)
+            plan = self.resizer.after_oom(plan, window.data, self.steps + 1, where, **oom)
+            current = window.recut(rechunk(current.data.micro_batches, plan))
+        outcome = self.step()
+        return outcome, self.resizer.after_window(plan, window.data, self.steps)

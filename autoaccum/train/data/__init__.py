@@ -19,13 +19,13 @@ from typing import Any, Protocol
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from autoaccum.errors import ConfigError, check_count
+from autoaccum.errors import BatchError, ConfigError, check_count
 from autoaccum.plan import Plan
+from autoaccum.train.data.cut import Window
 from autoaccum.train.data.iterable import IterableWindows
 from autoaccum.train.data.loader import LoaderWindows
-from autoaccum.train.data.window import Window
 
-__all__ = ["Window", "WindowSource", "window_source"]
+__all__ = ["Window", "WindowSource", "as_source", "check_evaluation_data", "window_source"]
 
 
 class WindowSource(Protocol):
@@ -85,3 +85,24 @@ def window_source(
             f"the data must be a DataLoader or an iterable of batches, got {type(data).__name__}"
         )
     return IterableWindows(data)
+
+
+def as_source(data: Any, *, rank: int = 0, world: int = 1) -> WindowSource:
+    """``data`` when it is a window source already, else :func:`window_source` of it."""
+    if isinstance(data, (LoaderWindows, IterableWindows)):
+        return data
+    return window_source(data, rank=rank, world_size=world)
+
+
+def check_evaluation_data(data: object) -> None:
+    """A clear error, at the start, for evaluation data that is empty where that can be known."""
+    dataset = getattr(data, "dataset", None)
+    try:
+        length = len(dataset if dataset is not None else data)  # type: ignore[arg-type]
+    except TypeError:
+        return  # an iterable of unknown length: checked when it is read
+    if length == 0:
+        raise BatchError(
+            f"the evaluation data ({type(data).__name__}) is empty: Evaluate needs at least one "
+            "sample; pass the evaluation DataLoader or list of batches you meant"
+        )

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from autoaccum.errors import ConfigError
 from autoaccum.plan import Plan
-from autoaccum.probing.state import preserved_rng
-from autoaccum.train.batches import batch_size
+from autoaccum.step.batches import batch_size
+from autoaccum.step.rng import preserved_rng
 from autoaccum.train.data.loader import LOADER_SETTINGS
 
 __all__ = ["WholeWindows", "epoch_end", "first_samples", "rebatched"]

@@ -15,8 +15,8 @@ from typing import Any
 
 from autoaccum.errors import BatchError, check_count
 from autoaccum.plan import Plan
-from autoaccum.train.batches import concat_batches, slice_batch
-from autoaccum.train.data.window import Window, cut_window, measure, too_small
+from autoaccum.step.batches import concat_batches, slice_batch
+from autoaccum.train.data.cut import Window, cut_window, measure, too_small
 
 __all__ = ["IterableWindows"]
 

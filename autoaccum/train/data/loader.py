@@ -36,10 +36,10 @@ from torch.utils.data._utils.collate import default_collate, default_convert
 
 from autoaccum.errors import BatchError, ConfigError, check_count
 from autoaccum.plan import Plan
-from autoaccum.probing.state import preserved_rng
+from autoaccum.step.rng import preserved_rng
+from autoaccum.train.data.cut import Window, too_small
 from autoaccum.train.data.heaviest import SizeFn, heaviest
 from autoaccum.train.data.order import DrawState, fork_base_seed, rank_sampler
-from autoaccum.train.data.window import Window, too_small
 
 __all__ = ["LOADER_SETTINGS", "LoaderWindows"]
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from autoaccum.errors import ConfigError
-from autoaccum.probing.state import RngState
+from autoaccum.step.rng import RngState
 
 __all__ = ["DrawState", "fork_base_seed", "rank_sampler"]
 

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoaccum.probing.state import preserved_rng
-from autoaccum.train.batches import batch_size, slice_batch
-from autoaccum.train.criterion import check_not_a_criterion, from_criterion
-from autoaccum.train.losses import (
+from autoaccum.step.batches import batch_size, slice_batch
+from autoaccum.step.criterion import check_not_a_criterion, from_criterion
+from autoaccum.step.losses import (
     IGNORE_INDEX,
     CountFn,
     LossFn,
@@ -33,6 +32,7 @@ from autoaccum.train.losses import (
     default_count,
     default_loss,
 )
+from autoaccum.step.rng import preserved_rng
 
 __all__ = ["DefaultCount", "resolve_loss"]
 
@@ -57,7 +57,7 @@ def _name_says_causal(model: nn.Module) -> bool:
 
 
 class DefaultCount:
-    """The item count behind :func:`~autoaccum.train.losses.default_loss`'s mean.
+    """The item count behind :func:`~autoaccum.step.losses.default_loss`'s mean.
 
     :meth:`prepare` reads off the model whether it shifts its labels (call it once with a
     real batch before counting dict batches); counting a dict batch before that assumes the
@@ -143,7 +143,7 @@ def resolve_loss(loss_fn: LossFn | None, count_fn: CountFn | None) -> tuple[Loss
     Without ``loss_fn`` the default loss is used and, without ``count_fn``, its own count
     (:class:`DefaultCount`); a loss module (``nn.CrossEntropyLoss()``) is applied to
     ``(inputs, targets)`` batches and counted by what its mean is over
-    (:mod:`~autoaccum.train.criterion`); a user's ``loss_fn`` without ``count_fn`` is weighted
+    (:mod:`~autoaccum.step.criterion`); a user's ``loss_fn`` without ``count_fn`` is weighted
     by samples.
     """
     check_loss_and_count(loss_fn, count_fn)

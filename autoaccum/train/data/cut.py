@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoaccum.errors import BatchError
-from autoaccum.train.batches import batch_size, concat_batches, slice_batch
+from autoaccum.step.batches import batch_size, concat_batches, slice_batch
 
 __all__ = ["Window", "cut_window", "measure", "too_small"]
 
@@ -55,7 +55,7 @@ def cut_window(
     """A window whose micro-batches of ``sizes`` are cut from consecutive ``pieces``.
 
     A micro-batch inside one piece is a slice of it (no copy); one that spans pieces is
-    joined with :func:`~autoaccum.train.batches.concat_batches`. Samples of the pieces
+    joined with :func:`~autoaccum.step.batches.concat_batches`. Samples of the pieces
     beyond ``sum(sizes)`` are the ``dropped`` ones.
     """
     queue = deque(pieces)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoaccum.errors import ConfigError
-from autoaccum.train.batches import batch_size
+from autoaccum.step.batches import batch_size
 
 __all__ = [
     "CountFn",
@@ -39,7 +39,7 @@ class CountFn(Protocol):
     A count function may also have a ``prepare(model, batch)`` method: the accumulator calls
     it once, with the first micro-batch of the first window, before counting, so a count can
     depend on the model (see
-    :class:`~autoaccum.train.counting.DefaultCount`)."""
+    :class:`~autoaccum.step.counting.DefaultCount`)."""
 
     def __call__(self, batch: Any, /) -> int | torch.Tensor: ...
 
@@ -148,7 +148,7 @@ def _accepts(model: nn.Module, keys: Iterable[Any]) -> bool:
 def default_count(batch: Any) -> int | torch.Tensor:
     """Items behind :func:`default_loss`'s mean for ``(inputs, integer targets)`` pairs: the
     targets that are not ``-100``; samples (the size of dim 0) for anything else. For dict
-    batches with ``labels``, ``fit`` counts with :class:`~autoaccum.train.counting.DefaultCount`,
+    batches with ``labels``, ``fit`` counts with :class:`~autoaccum.step.counting.DefaultCount`,
     which also knows whether the model shifts its labels."""
     targets = _class_targets(batch)
     if targets is not None:
