@@ -209,3 +209,33 @@ def test_on_train_start_is_called_once_before_the_first_step() -> None:
     assert kinds == ["start", "step", "step", "end"]
     assert isinstance(recorder.events[0][1], str)
     assert len(recorder.events[0][1]) == 32
+
+
+def test_on_resize_sees_every_change_and_on_oom_its_old_name_still_works() -> None:
+    """``on_oom`` was renamed ``on_resize`` (it also fires when the micro-batch grows back);
+    a callback with the old name is still called, with a deprecation warning, for a release."""
+    from helpers import OOMAbove
+
+    from autoaccum.results import Resize
+
+    class New(Callback):
+        def __init__(self) -> None:
+            self.seen: list[Resize] = []
+
+        def on_resize(self, run: RunView, resize: Resize) -> None:
+            self.seen.append(resize)
+
+    class Old:
+        def __init__(self) -> None:
+            self.seen: list[Resize] = []
+
+        def on_oom(self, run: RunView, resize: Resize) -> None:
+            self.seen.append(resize)
+
+    new, old = New(), Old()
+    with pytest.warns(DeprecationWarning, match="Old.on_oom is now on_resize"):
+        result = _fit(nn.Sequential(mlp(), OOMAbove(3)), [new, old])
+    assert new.seen == old.seen == list(result.resizes)
+    assert [(r.old, r.new, r.reason) for r in new.seen] == [(4, 3, "oom")]
+    with pytest.warns(DeprecationWarning, match="items_seen"):
+        assert result.tokens_seen == result.items_seen == 40
