@@ -8,7 +8,15 @@ from dataclasses import dataclass, replace
 
 from autoaccum.errors import PlanError, check_count
 
-__all__ = ["Plan", "check_target", "compare_with_fit", "equal_plan", "even_split", "make_plan"]
+__all__ = [
+    "Plan",
+    "check_target",
+    "compare_with_fit",
+    "equal_plan",
+    "even_split",
+    "make_plan",
+    "shares",
+]
 
 
 def even_split(total: int, parts: int) -> tuple[int, ...]:
@@ -19,6 +27,12 @@ def even_split(total: int, parts: int) -> tuple[int, ...]:
     """
     base, extra = divmod(total, parts)
     return tuple(base + 1 if i < extra else base for i in range(parts))
+
+
+def shares(samples: int, world_size: int) -> tuple[int, ...]:
+    """``samples`` of a window shared among ``world_size`` ranks as evenly as can be, rank 0
+    first: ``shares(10, 3) == (4, 3, 3)``. No sample is repeated to make them equal."""
+    return even_split(samples, world_size)
 
 
 def _split(samples: int, max_micro: int, min_micro: int) -> tuple[int, ...] | None:
@@ -32,13 +46,16 @@ def _split(samples: int, max_micro: int, min_micro: int) -> tuple[int, ...] | No
 
 @dataclass(frozen=True)
 class Plan:
-    """How one optimizer step's ``target_batch`` samples are laid out.
+    """How one optimizer step's ``target_batch`` samples are laid out on rank ``rank``.
 
-    ``micro_sizes`` are one rank's micro-batches in one window, so
-    ``sum(micro_sizes) * world_size == target_batch`` always holds. ``micro_batch`` is the
-    largest of them; ``max_micro`` the ceiling the plan was made under (the probe's or the
-    user's); ``min_micro`` the smallest micro-batch the model can train on (2 with
-    BatchNorm, which cannot normalise one sample).
+    A window's samples are shared among the ``world_size`` ranks as evenly as they go
+    (:func:`shares`: ranks may hold one sample more or less; no sample is repeated), so
+    rank ``rank`` holds ``per_rank`` of them and ``micro_sizes`` are its micro-batches:
+    ``sum(micro_sizes) == per_rank``. ``micro_batch`` is the largest of them; ``max_micro``
+    the ceiling the plan was made under (the probe's or the user's, this rank's); ``min_micro``
+    the smallest micro-batch the model can train on (2 with BatchNorm, which cannot normalise
+    one sample). ``rank_sizes``, where known, holds every rank's ``micro_sizes`` (each rank
+    plans under its own ceiling).
     """
 
     target_batch: int
@@ -48,11 +65,13 @@ class Plan:
     micro_sizes: tuple[int, ...]
     max_micro: int
     min_micro: int = 1
+    rank: int = 0
+    rank_sizes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def per_rank(self) -> int:
-        """Samples each rank processes per optimizer step."""
-        return self.target_batch // self.world_size
+        """Samples this rank processes per optimizer step (its share of a full window)."""
+        return shares(self.target_batch, self.world_size)[self.rank]
 
     def window_sizes(self, samples: int) -> tuple[int, ...]:
         """Micro sizes for a (possibly short, last) window of ``samples`` on one rank.
@@ -65,22 +84,42 @@ class Plan:
         """
         if samples == self.per_rank:
             return self.micro_sizes
-        for kept in range(samples, self.min_micro - 1, -1):
+        for kept in range(samples, max(self.min_micro, 1) - 1, -1):
             sizes = _split(kept, self.micro_batch, self.min_micro)
             if sizes is not None:
                 return sizes
         return ()
 
     def describe(self) -> str:
-        """One line, e.g. ``target_batch 256 = 86+85+85 (accum_iter 3) × 1 rank``."""
-        if len(set(self.micro_sizes)) == 1:
-            sizes = f"{self.micro_sizes[0]} × {self.accum_iter}"
-        else:
-            sizes = "+".join(str(s) for s in self.micro_sizes)
+        """One line, e.g. ``target_batch 256 = 86+85+85 (accum_iter 3) × 1 rank``, or, where
+        the ranks' splits differ, ``target_batch 10 = rank 0: 3+2, rank 1: 5``."""
+        every = self.rank_sizes or self._every_rank()
+        if len(set(every)) > 1:
+            split = ", ".join(f"rank {r}: {_sizes(s)}" for r, s in enumerate(every))
+            return f"target_batch {self.target_batch} = {split}"
         ranks = "rank" if self.world_size == 1 else "ranks"
         return (
-            f"target_batch {self.target_batch} = {sizes} (accum_iter {self.accum_iter}) "
-            f"× {self.world_size} {ranks}"
+            f"target_batch {self.target_batch} = {_sizes(self.micro_sizes)} (accum_iter "
+            f"{self.accum_iter}) × {self.world_size} {ranks}"
+        )
+
+    def under(self, max_micro: int) -> Plan:
+        """The plan for the same target, ranks and model under another ceiling."""
+        return make_plan(
+            self.target_batch,
+            max_micro,
+            self.world_size,
+            min_micro=self.min_micro,
+            rank=self.rank,
+        )
+
+    def _every_rank(self) -> tuple[tuple[int, ...], ...]:
+        """Every rank's micro-batches under this plan's ceiling (where each rank's is unknown)."""
+        if self.world_size == 1 or self.target_batch % self.world_size == 0:
+            return (self.micro_sizes,) * self.world_size
+        return tuple(
+            _split(share, min(self.max_micro, share), self.min_micro) or ()
+            for share in shares(self.target_batch, self.world_size)
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -92,7 +131,15 @@ class Plan:
             "micro_sizes": list(self.micro_sizes),
             "max_micro": self.max_micro,
             "min_micro": self.min_micro,
+            "rank": self.rank,
+            "rank_sizes": [list(s) for s in self.rank_sizes],
         }
+
+
+def _sizes(micro_sizes: tuple[int, ...]) -> str:
+    if len(set(micro_sizes)) == 1:
+        return f"{micro_sizes[0]} × {len(micro_sizes)}"
+    return "+".join(str(s) for s in micro_sizes) if micro_sizes else "nothing"
 
 
 def _nearest(value: int, ok: list[int]) -> str:
@@ -102,56 +149,77 @@ def _nearest(value: int, ok: list[int]) -> str:
     return " or ".join(str(v) for v in near)
 
 
-def check_target(target_batch: int, world_size: int = 1) -> int:
-    """``target_batch`` when it divides evenly among ``world_size`` ranks (every rank must get
-    the same share), else a :class:`PlanError` naming the nearest targets that do."""
+def check_target(
+    target_batch: int, world_size: int = 1, *, min_micro: int = 1, equal: bool = False
+) -> int:
+    """``target_batch`` when its windows can be shared among ``world_size`` ranks: every rank
+    holds at least ``min_micro`` samples of a full window, and, with ``equal`` (loops that
+    need every rank's share alike: Lightning, the Trainer), the target divides evenly. Else a
+    :class:`PlanError` naming the nearest targets that work."""
     check_count("target_batch", target_batch)
     check_count("world_size", world_size)
-    if target_batch % world_size:
+    check_count("min_micro", min_micro)
+    if equal and target_batch % world_size:
         valid = [world_size * k for k in range(1, target_batch // world_size + 2)]
         raise PlanError(
             f"target_batch {target_batch} does not divide evenly among {world_size} ranks, so "
             f"every rank cannot get the same share; use target_batch="
             f"{_nearest(target_batch, valid)} (a multiple of {world_size})"
         )
+    if min(shares(target_batch, world_size)) < min_micro:
+        least = world_size * min_micro
+        held = "no sample" if target_batch < world_size else f"fewer than {min_micro} samples"
+        raise PlanError(
+            f"target_batch {target_batch} shared among {world_size} ranks leaves a rank {held} "
+            f"per window{' (BatchNorm needs at least 2)' if min_micro > 1 else ''}; use "
+            f"target_batch ≥ {least}"
+        )
     return target_batch
 
 
 def make_plan(
-    target_batch: int, max_micro: int, world_size: int = 1, *, min_micro: int = 1
+    target_batch: int,
+    max_micro: int,
+    world_size: int = 1,
+    *,
+    min_micro: int = 1,
+    rank: int = 0,
 ) -> Plan:
-    """The exact plan for ``target_batch`` samples per optimizer step.
+    """The exact plan for ``target_batch`` samples per optimizer step, on rank ``rank``.
 
-    Each of ``world_size`` ranks gets ``T = target_batch / world_size`` samples per step,
-    split into ``accum_iter = ceil(T / max_micro)`` micro-batches that differ by at most one
-    sample (256 with ``max_micro=100`` → 86, 85, 85). The effective batch is never changed
-    silently: a target that does not divide among the ranks, or that would need a
+    A window's samples are shared among the ``world_size`` ranks as evenly as they go
+    (:func:`shares`: 10 on 3 ranks → 4, 3, 3; the target need not divide), and this rank's
+    share ``T`` is split into ``accum_iter = ceil(T / max_micro)`` micro-batches that differ by
+    at most one sample (256 with ``max_micro=100`` → 86, 85, 85). The effective batch is never
+    changed silently: a target that would leave a rank without a sample, or that would need a
     micro-batch below ``min_micro`` (a BatchNorm model cannot train on one sample), is a
     :class:`PlanError` naming the nearest targets that work.
     """
-    check_target(target_batch, world_size)
+    check_target(target_batch, world_size, min_micro=min_micro)
     check_count("max_micro", max_micro)
-    check_count("min_micro", min_micro)
+    check_count("rank", rank, minimum=0)
+    if rank >= world_size:
+        raise PlanError(f"rank {rank} is out of range for world_size {world_size}")
     if max_micro < min_micro:
         raise PlanError(
             f"max_micro {max_micro} is below {min_micro}, the smallest micro-batch this model "
             f"can train on (BatchNorm needs at least 2 samples to normalise); pass "
             f"max_micro ≥ {min_micro}"
         )
-    per_rank = target_batch // world_size
+    per_rank = shares(target_batch, world_size)[rank]
     sizes = _split(per_rank, min(max_micro, per_rank), min_micro)
     if sizes is None:
 
         def works(target: int) -> bool:
-            share = target // world_size
+            share = shares(target, world_size)[rank]
             return (
                 share >= min_micro and _split(share, min(max_micro, share), min_micro) is not None
             )
 
-        span = range(world_size, target_batch + world_size * (2 * min_micro + 2), world_size)
+        span = range(world_size, target_batch + world_size * (2 * min_micro + 2))
         valid = [t for t in span if works(t)]
         raise PlanError(
-            f"target_batch {target_batch} ({per_rank} per rank) cannot be split into "
+            f"target_batch {target_batch} ({per_rank} on rank {rank}) cannot be split into "
             f"micro-batches of {min_micro} to {max_micro} samples: one would hold fewer than "
             f"{min_micro}, which this model cannot train on (BatchNorm needs at least 2 samples "
             f"to normalise). Use target_batch={_nearest(target_batch, valid)}"
@@ -164,13 +232,16 @@ def make_plan(
         micro_sizes=sizes,
         max_micro=max_micro,
         min_micro=min_micro,
+        rank=rank,
     )
 
 
 def equal_plan(target_batch: int, max_micro: int, world_size: int = 1, min_micro: int = 1) -> Plan:
     """The plan with equal micro-batches, for loops that need them (Lightning, the Transformers
     Trainer): the largest divisor of the per-rank share that is at most ``max_micro`` (and at
-    least ``min_micro``). ``plan.max_micro`` stays the ceiling."""
+    least ``min_micro``). ``plan.max_micro`` stays the ceiling. The target must divide among
+    the ranks (their samplers give every rank the same share)."""
+    check_target(target_batch, world_size, min_micro=min_micro, equal=True)
     fit_plan = make_plan(target_batch, max_micro, world_size, min_micro=min_micro)
     share = fit_plan.per_rank
 

@@ -145,35 +145,64 @@ def test_sample_batch_larger_than_the_data_returns_all_of_it() -> None:
 
 
 def test_distributed_window_k_is_global_samples_k_target_to_k_plus_1_target() -> None:
+    """Global window k is samples k·T … (k+1)·T − 1 of the one-process order, whatever the
+    world size; each rank reads its share (as equal as the counts allow), none repeated."""
     target, n = 20, 110
-    plan = make_plan(target, 4, world_size=2)  # 10 per rank: 4, 3, 3
     loader = DataLoader(ids_dataset(n), batch_size=16)
-    per_rank = [list(window_source(loader, rank=r, world_size=2).windows(plan, 0)) for r in (0, 1)]
-    assert [len(ws) for ws in per_rank] == [6, 6]
-    for k in range(6):
-        windows = [per_rank[r][k] for r in (0, 1)]
-        union = sorted(i for w in windows for i in ids_of(w))
-        assert union == list(range(k * target, min((k + 1) * target, n)))
-        assert ids_of(windows[1]) == [i + 1 for i in ids_of(windows[0])]  # striding
-    assert micro_sizes(per_rank[0][0]) == (4, 3, 3)
-    assert per_rank[0][5].samples == 5
+    for world in (2, 3):
+        plans = [make_plan(target, 4, world_size=world, rank=r) for r in range(world)]
+        per_rank = [
+            list(window_source(loader, rank=r, world_size=world).windows(plans[r], 0))
+            for r in range(world)
+        ]
+        assert [len(ws) for ws in per_rank] == [6] * world
+        for k in range(6):
+            ids = [ids_of(per_rank[r][k]) for r in range(world)]
+            assert [i for rank_ids in ids for i in rank_ids] == list(
+                range(k * target, min((k + 1) * target, n))
+            )  # rank 0's block, then rank 1's, …: no sample twice, none missing
+        assert [micro_sizes(per_rank[r][0]) for r in range(world)] == [p.micro_sizes for p in plans]
+    assert [len(ids_of(w)) for w in per_rank[0]][-1] == 4  # the short window: 10 = 4+3+3
 
 
-def test_distributed_shuffle_builds_a_seeded_sampler_that_changes_per_epoch() -> None:
+def test_distributed_shuffle_is_the_one_process_order_whatever_the_world_size() -> None:
+    """Every rank draws the epoch's order as the user's loader would in one process (same
+    seed, same order); the ranks' shares of it cover it once; it changes per epoch."""
     loader = DataLoader(ids_dataset(40), batch_size=8, shuffle=True)
-    plan = make_plan(10, 5, world_size=2)
-    streams = [window_source(loader, rank=r, world_size=2, seed=3) for r in (0, 1)]
 
-    def epoch(e: int) -> list[list[int]]:
-        return [[i for w in s.windows(plan, e) for i in ids_of(w)] for s in streams]
+    def epochs(world: int, seed: int) -> list[list[int]]:
+        orders = []
+        for rank in range(world):  # each rank is its own process, seeded alike
+            torch.manual_seed(seed)
+            source = window_source(loader, rank=rank, world_size=world)
+            plan = make_plan(10, 5, world_size=world, rank=rank)
+            orders.append([[i for w in source.windows(plan, e) for i in ids_of(w)] for e in (0, 1)])
+        merged = []
+        for e in (0, 1):  # window by window, rank 0's share first
+            merged.append(
+                [
+                    i
+                    for k in range(4)
+                    for rank in range(world)
+                    for i in orders[rank][e][_share_slice(k, rank, world, orders[rank][e])]
+                ]
+            )
+        return merged
 
-    e0, e1 = epoch(0), epoch(1)
-    assert sorted(e0[0] + e0[1]) == list(range(40))
-    assert sorted(e1[0] + e1[1]) == list(range(40))
-    assert e0 != e1
-    assert e0[0] != list(range(0, 40, 2))  # shuffled, not sequential
-    again = window_source(loader, rank=0, world_size=2, seed=3)
-    assert [i for w in again.windows(plan, 1) for i in ids_of(w)] == e1[0]
+    one = epochs(1, seed=3)
+    assert sorted(one[0]) == sorted(one[1]) == list(range(40))
+    assert one[0] != one[1]
+    assert one[0] != list(range(40))  # shuffled
+    assert epochs(2, seed=3) == epochs(3, seed=3) == one
+    assert epochs(2, seed=4) != one  # the user's seed decides, as in one process
+
+
+def _share_slice(k: int, rank: int, world: int, ids: list[int]) -> slice:
+    """Where window k's share lies in one rank's ids of a 40-sample epoch of 10-sample windows."""
+    from autoaccum.plan import shares
+
+    size = shares(10, world)[rank]
+    return slice(k * size, (k + 1) * size)
 
 
 def test_a_users_distributed_sampler_is_used_and_set_epoch_called() -> None:
@@ -223,20 +252,24 @@ def test_a_custom_sampler_is_followed_in_a_single_process() -> None:
     assert [ids_of(w) for w in windows] == [[8, 7, 6, 5], [4, 3, 2, 1], [0]]
 
 
-def test_a_custom_sampler_in_a_distributed_run_is_a_config_error() -> None:
+def test_a_custom_sampler_is_followed_on_several_ranks_too() -> None:
+    """Its order is the global order; each rank reads its share of every window."""
     loader = DataLoader(ids_dataset(9), sampler=Reversed(9))
-    with pytest.raises(ConfigError, match="DistributedSampler"):
-        window_source(loader, rank=0, world_size=2)
+    shares = [
+        [ids_of(w) for w in window_source(loader, rank=r, world_size=2).windows(plan, 0)]
+        for r, plan in enumerate(make_plan(4, 4, 2, rank=r) for r in (0, 1))
+    ]
+    assert shares == [[[8, 7], [4, 3], [0]], [[6, 5], [2, 1], []]]
 
 
-def test_a_custom_batch_sampler_is_flattened_in_a_single_process() -> None:
+def test_a_custom_batch_sampler_is_flattened_into_the_global_order() -> None:
     stream = window_source(DataLoader(ids_dataset(6), batch_sampler=Buckets()))
     windows = list(stream.windows(make_plan(4, 2), 0))
     assert [ids_of(w) for w in windows] == [[5, 4, 0, 1], [2, 3]]
     assert micro_sizes(windows[0]) == (2, 2)
     assert stream.samples_per_epoch() is None
-    with pytest.raises(ConfigError, match="batch_sampler"):
-        window_source(DataLoader(ids_dataset(6), batch_sampler=Buckets()), world_size=2)
+    other = window_source(DataLoader(ids_dataset(6), batch_sampler=Buckets()), rank=1, world_size=2)
+    assert [ids_of(w) for w in other.windows(make_plan(4, 2, 2, rank=1), 0)] == [[0, 1], [3]]
 
 
 def test_a_plain_batch_sampler_contributes_its_samplers_order() -> None:

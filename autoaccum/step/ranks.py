@@ -54,6 +54,8 @@ POINTS: tuple[str, ...] = (
     "probing the micro-batch",
     "saving a checkpoint",
     "evaluating",
+    "sharing an epoch's order",
+    "planning (every rank's split)",
 )
 
 
@@ -206,6 +208,23 @@ class Ranks:
         gathered: list[object] = [None] * self.info.world_size
         dist.all_gather_object(gathered, mine, group=self.group)
         return gathered
+
+    def share(self, mine: list[Any], point: str = "sharing an epoch's order") -> list[Any]:
+        """Rank 0's ``mine`` on every rank (every rank calls it at ``point``; the others'
+        values are dropped). A list of ints travels as one tensor, anything else pickled."""
+        self.agree(point, each=len(mine), where=point)
+        if self.group is None:
+            return mine
+        if all(type(v) is int for v in mine):
+            lengths = self.exchange(point, each=len(mine) if self.info.rank == 0 else 0).each
+            values = torch.tensor(mine, dtype=torch.int64) if self.info.rank == 0 else None
+            if values is None:
+                values = torch.empty(lengths[0], dtype=torch.int64)
+            dist.broadcast(values, src=dist.get_global_rank(self.group, 0), group=self.group)
+            return [int(v) for v in values.tolist()]
+        box: list[Any] = [mine]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return list(box[0])
 
     def minimum(self, point: str, mine: int, where: str = "training") -> int:
         """The smallest of every rank's ``mine`` (e.g. the micro-batch ceilings of a probe)."""

@@ -25,7 +25,7 @@ from torch import nn
 from autoaccum import distributed as D
 from autoaccum.errors import check_callable, check_count, check_positive, check_timeout
 from autoaccum.memory.peaks import DEFAULT_MARGIN, check_margin
-from autoaccum.plan import Plan, check_target, make_plan
+from autoaccum.plan import Plan, check_target, make_plan, shares
 from autoaccum.probing.fastest import check_choose
 from autoaccum.probing.trials import probe
 from autoaccum.results import ProbeResult
@@ -126,7 +126,9 @@ class Accumulator:
         self.ranks = Ranks(self.dist, check_timeout(timeout) if timeout is not None else None)
         try:  # nothing here talks to the other ranks: a rank that fails tells them below
             module = check_model(model)
-            self.target_batch = check_target(target_batch, self.dist.world_size)
+            self.target_batch = check_target(
+                target_batch, self.dist.world_size, min_micro=min_micro(module)
+            )
             grad_norm = (
                 check_positive("max_grad_norm", max_grad_norm)
                 if max_grad_norm is not None
@@ -202,38 +204,57 @@ class Accumulator:
     def min_micro(self) -> int:
         return min_micro(self.module)
 
+    @property
+    def share(self) -> int:
+        """This rank's samples of a full window (ranks may hold one more or less)."""
+        return shares(self.target_batch, self.dist.world_size)[self.dist.rank]
+
     def replan(self, max_micro: int) -> Plan:
-        """Plan with micro-batches of at most ``max_micro`` samples (no probe)."""
+        """Plan with micro-batches of at most ``max_micro`` samples on this rank (no probe);
+        every rank calls it, each with its own ceiling if it likes (they learn each other's
+        split, :attr:`Plan.rank_sizes <autoaccum.plan.Plan.rank_sizes>`)."""
         check_count("max_micro", max_micro)
-        per_rank = self.target_batch // self.dist.world_size
-        world, smallest = self.dist.world_size, self.min_micro
-        ceiling = min(max_micro, per_rank)
-        self.plan = make_plan(self.target_batch, ceiling, world, min_micro=smallest)
+        world, rank, ceiling = self.dist.world_size, self.dist.rank, min(max_micro, self.share)
+        plan = make_plan(self.target_batch, ceiling, world, min_micro=self.min_micro, rank=rank)
         if self.resizer.ceiling is None:
-            self.resizer.ceiling = self.plan.max_micro
+            self.resizer.ceiling = plan.max_micro
+        self.plan = self.with_rank_sizes(plan)
         return self.plan
+
+    def with_rank_sizes(self, plan: Plan) -> Plan:
+        """``plan`` knowing every rank's split (every rank calls it, at the same point)."""
+        point = "planning (every rank's split)"
+        self.ranks.agree(point, where=point)
+        every = tuple(tuple(sizes) for sizes in self.ranks.gather(plan.micro_sizes))
+        return dataclasses.replace(plan, rank_sizes=every if self.ranks.multi else ())
 
     def probe(self, batch: Any, probed_on: str = "", *, upper: int | None = None) -> Plan:
         """Probe the largest micro-batch that trains, on the real samples of ``batch`` (what
         they are, in ``probed_on``), and plan with it (or with the fastest plan's micro-batch
-        under it, per ``choose``); no larger than ``upper`` (default: this rank's share of the
-        target). Every rank must call it (the ranks agree on every trial and take the
-        smallest ceiling); the model's state and the random streams are left as they were."""
-        per_rank = self.target_batch // self.dist.world_size
+        under it, per ``choose``); no larger than ``upper`` (default: this rank's share of a
+        window). Every rank calls it. Where a micro-step runs no collective (one rank, or DDP
+        with deferred sync) each rank probes its own device alone and plans under its own
+        ceiling; otherwise (FSDP2, overlapped sync) the ranks agree on every trial and share
+        the smallest ceiling. The model's state and the random streams are left as they were."""
+        per_rank = self.share
         if upper is not None:
             per_rank = min(per_rank, check_count("upper", upper))
+        alone = self.sync == "deferred"
         with preserved_rng():
-            found = probe(
-                self.model,
-                batch,
-                loss_fn=self.loss_fn,
-                optimizer=self.optimizer,
-                upper=per_rank,
-                precision=self.precision,
-                margin=self.margin,
-                device=self.device,
-                ranks=self.ranks,
-                choose=self.choose,
+            found = self.ranks.run(
+                lambda: probe(
+                    self.forward_model if alone else self.model,
+                    batch,
+                    loss_fn=self.loss_fn,
+                    optimizer=self.optimizer,
+                    upper=per_rank,
+                    precision=self.precision,
+                    margin=self.margin,
+                    device=self.device,
+                    ranks=None if alone else self.ranks,
+                    choose=self.choose,
+                ),
+                "probing the micro-batch",
             )
         self.probe_result = dataclasses.replace(found, probed_on=probed_on)
         self.resizer.learn(self.probe_result)
@@ -242,7 +263,7 @@ class Accumulator:
     def probe_data(self, data: Iterable[Any] | WindowSource) -> Plan:
         """Probe on the heaviest samples of ``data`` where it can be scanned (a DataLoader
         over a map-style dataset; weighed by ``size_fn``), else on its first window."""
-        share = self.target_batch // self.dist.world_size
+        share = self.share
         source = self.source(data)
         known = source.samples_per_epoch()
         if known:  # no micro-batch can hold more than a rank's whole epoch
@@ -258,7 +279,7 @@ class Accumulator:
         """The window source of ``data`` (a source is taken as it is; other data's is kept, so
         that the epochs of your own loop share workers and orders)."""
         if self._source is None or self._source[0] is not data:
-            self._source = (data, as_source(data, rank=self.dist.rank, world=self.dist.world_size))
+            self._source = (data, as_source(data, self.ranks))
         return self._source[1]
 
     def windows(
@@ -281,7 +302,6 @@ class Accumulator:
             epoch,
             ranks=self.ranks,
             skip=skip,
-            equal_steps=D.is_fsdp2(self.model),
             dropped=self._dropped,
         ):
             yield TrainWindow(self.trainer, window)
@@ -327,11 +347,14 @@ class Accumulator:
         plan, probe = self.plan, self.probe_result
         return loop_state.take(self.trainer, plan, probe, self.target_batch, world, writer=writer)
 
-    def load_state_dict(self, saved: Saved) -> bool:
+    def load_state_dict(self, saved: Saved, *, any_world: bool = False) -> bool:
         """Put a checkpoint's state back, all of it checked first (a ConfigError, and nothing
-        loaded, on a mismatch); True when the plan came back with it
-        (:func:`~autoaccum.train.loop_state.put`)."""
-        restored = loop_state.put(self.trainer, saved, self.target_batch, self.dist.world_size)
+        loaded, on a mismatch; another world size only with ``any_world``); True when the plan
+        came back with it (:func:`~autoaccum.train.loop_state.put`)."""
+        world, rank = self.dist.world_size, self.dist.rank
+        restored = loop_state.put(
+            self.trainer, saved, self.target_batch, world, rank, any_world=any_world
+        )
         if restored is not None:
             self.plan, self.probe_result = restored
         return restored is not None

@@ -130,7 +130,9 @@ def _consistent(saved: Saved) -> str | None:
     if (plan.target_batch, plan.world_size) != (saved.target_batch, saved.world_size):
         return "the plan is for another target_batch or world_size than the checkpoint"
     sizes = plan.micro_sizes
-    if not sizes or min(sizes) < 1 or sum(sizes) * plan.world_size != plan.target_batch:
+    if not 0 <= plan.rank < plan.world_size:
+        return f"the plan is for rank {plan.rank} of {plan.world_size}"
+    if not sizes or min(sizes) < 1 or sum(sizes) != plan.per_rank:
         return f"the plan's micro_sizes {sizes} do not add up to its target_batch"
     if (plan.micro_batch, plan.accum_iter) != (max(sizes), len(sizes)):
         return "the plan's micro_batch or accum_iter do not match its micro_sizes"
@@ -296,9 +298,12 @@ def resume_from(
     return saved, f"resume='auto': continuing from {saved.path} (after step {steps})"
 
 
-def check_compatible(saved: Saved, target_batch: int, world_size: int) -> None:
-    """A clear error when the checkpoint was taken for another target batch or world size:
-    its windows, and each rank's share of them, would not be the ones of this run."""
+def check_compatible(
+    saved: Saved, target_batch: int, world_size: int, *, any_world: bool = False
+) -> None:
+    """A clear error when the checkpoint was taken for another target batch, or, unless
+    ``any_world`` (the windows are the same on any number of ranks), another world size:
+    its windows, or each rank's share of them, would not be the ones of this run."""
     where = saved.path or "the checkpoint"
     if saved.target_batch != target_batch:
         raise ConfigError(
@@ -306,9 +311,12 @@ def check_compatible(saved: Saved, target_batch: int, world_size: int) -> None:
             f"{target_batch}: the windows it counted would not be this run's. Resume with "
             f"target_batch={saved.target_batch}, or start a new run without resume="
         )
-    if saved.world_size != world_size:
+    if saved.world_size != world_size and not any_world:
         raise ConfigError(
-            f"{where} was taken on {saved.world_size} ranks, this run has {world_size}: "
-            "each rank's share of the data would differ, so the resume could not be exact. "
-            f"Resume on {saved.world_size} ranks, or start a new run without resume="
+            f"{where} was taken on {saved.world_size} ranks, this run has {world_size}, and its "
+            "data is each rank's own (a list or iterable of batches per rank, or a "
+            "DistributedSampler): each rank's share would differ, so the resume could not be "
+            f"exact. Resume on {saved.world_size} ranks, pass a DataLoader without a "
+            "DistributedSampler (its windows are the same on any number of ranks), or start a "
+            "new run without resume="
         )

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from autoaccum import distributed as D
 from autoaccum.errors import BatchError, check_item_count
 from autoaccum.plan import make_plan
 from autoaccum.probing.trials import probe
@@ -23,7 +24,7 @@ from autoaccum.step.batches import batch_size, to_device
 from autoaccum.step.precision import autocast
 from autoaccum.step.rng import preserved_rng
 from autoaccum.train.accumulator import Accumulator
-from autoaccum.train.data import window_source
+from autoaccum.train.data import as_source
 
 __all__ = ["evaluate"]
 
@@ -38,13 +39,12 @@ def evaluate(acc: Accumulator, data: Iterable[Any], *, max_micro: int | None = N
     ranks.agree("evaluating", where="evaluation")  # every rank evaluates, or all stop
     model = acc.forward_model
     modes = [(m, m.training) for m in model.modules()]
-    info = acc.dist
-    world = info.world_size if info.active else 1
+    world = ranks.size
     loss_sum, items, samples = 0.0, 0.0, 0
     model.eval()
     try:
         with preserved_rng():
-            source = window_source(data, rank=info.rank, world_size=world)
+            source = as_source(data, ranks)
             if max_micro is None:
                 known = source.samples_per_epoch()
                 upper = min(EVAL_UPPER, known) if known else EVAL_UPPER
@@ -60,16 +60,23 @@ def evaluate(acc: Accumulator, data: Iterable[Any], *, max_micro: int | None = N
                     ranks=ranks,
                     forward_only=True,
                 ).max_micro
-            plan = make_plan(max_micro * world, max_micro, world)
+            plan = make_plan(max_micro * world, max_micro, world, rank=ranks.rank)
+            forwards, last = 0, None
             for window in ranks.iterate(source.windows(plan, 0), "reading the evaluation data"):
                 for batch in window.micro_batches:
                     samples += batch_size(batch)
                     count = check_item_count(acc.count_fn(batch), "evaluation")
                     with autocast(acc.precision, acc.device):  # run even without items: FSDP2
                         loss = acc.loss_fn(model, to_device(batch, acc.device))  # gathers
+                    forwards, last = forwards + 1, batch
                     if count:  # a micro-batch without items adds nothing (its mean is 0/0)
                         loss_sum += float(loss.double()) * count
                         items += count
+            if D.is_fsdp2(model):  # every forward gathers on every rank: as many on each
+                stand_in = last if last is not None else source.sample_batch(1)
+                for _ in range((source.num_windows(plan) or forwards) - forwards):
+                    with autocast(acc.precision, acc.device):
+                        acc.loss_fn(model, to_device(stand_in, acc.device))  # counted nowhere
     except BatchError as exc:
         named = BatchError(f"the evaluation data: {exc}")
         ranks.give_up(named, "evaluation")

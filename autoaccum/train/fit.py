@@ -29,7 +29,7 @@ from autoaccum.step.losses import CountFn, LossFn
 from autoaccum.step.model import check_model, has_batchnorm, train_mode
 from autoaccum.train.accumulator import Accumulator
 from autoaccum.train.checkpoint import resume_from
-from autoaccum.train.data import WindowSource, window_source
+from autoaccum.train.data import WindowSource
 from autoaccum.train.run import Run
 
 __all__ = ["fit"]
@@ -133,7 +133,7 @@ def fit(
             size_fn=size_fn,
             choose=choose,
         )
-        source = window_source(loader, rank=info.rank, world_size=info.world_size)
+        source = acc.source(loader)  # built once: its epochs share workers and orders
         bar = _progress_bar(progress and info.is_main, source, acc, epochs, max_steps)
         run = Run(acc, source, epochs=epochs, max_steps=max_steps, callbacks=[*callbacks, bar])
         with train_mode(model), bar:
@@ -147,6 +147,7 @@ def fit(
             _warn_batchnorm(acc)
             run.train()
         assert acc.plan is not None  # planned above
+        acc.plan = acc.with_rank_sizes(acc.plan)  # every rank's split, as it ended
         memory, fixed = memory_report(dev), footprint(model, acc.optimizer)
         p = run.position
         result = FitResult(

@@ -6,9 +6,10 @@ checkpoint loads without running code (:mod:`autoaccum.train.checkpoint`)."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 from typing import Any
 
-from autoaccum.plan import Plan
+from autoaccum.plan import Plan, make_plan
 from autoaccum.results import ProbeResult
 from autoaccum.train import checkpoint as ckpt
 from autoaccum.train import checkpoint_state
@@ -49,15 +50,23 @@ def take(
 
 
 def put(
-    acc: WindowTrainer, saved: ckpt.Saved, target_batch: int, world_size: int
+    acc: WindowTrainer,
+    saved: ckpt.Saved,
+    target_batch: int,
+    world_size: int,
+    rank: int,
+    *,
+    any_world: bool = False,
 ) -> tuple[Plan, ProbeResult | None] | None:
-    """Put ``saved`` back into ``acc`` (the accumulator's window trainer) after checking all
-    of it (target, world size, every parameter's name and shape, the optimizer, the
-    scheduler, the precision): on a mismatch a :class:`~autoaccum.errors.ConfigError` and
-    nothing was loaded. The plan and probe result to train under when the device is the one
-    they were probed on; None otherwise (the caller probes again)."""
+    """Put ``saved`` back into ``acc`` (the accumulator's window trainer on rank ``rank``)
+    after checking all of it (target, world size unless ``any_world``, every parameter's
+    name and shape, the optimizer, the scheduler, the precision): on a mismatch a
+    :class:`~autoaccum.errors.ConfigError` and nothing was loaded. The plan (this rank's
+    split as it was; on another world size, the saved ceiling's) and the probe result to
+    train under when the device is the one they were probed on; None otherwise (the caller
+    probes again)."""
     where = saved.path or "the checkpoint"
-    ckpt.check_compatible(saved, target_batch, world_size)
+    ckpt.check_compatible(saved, target_batch, world_size, any_world=any_world)
     checkpoint_state.check_model(acc.model, saved.model, where)
     checkpoint_state.check_optimizer(
         acc.model, acc.optimizer, saved.optimizer, saved.optimizer_type, where
@@ -72,4 +81,10 @@ def put(
         return None
     acc.resizer.load_state_dict(dataclasses.asdict(saved.resizer))
     acc.resizer.learn(saved.probe)
-    return saved.plan, saved.probe
+    plan, ceiling = saved.plan, saved.plan.max_micro  # rank 0's, with every rank's split
+    if saved.world_size == world_size and plan.rank != rank:  # this rank's split, as it was
+        ceiling = max(plan.rank_sizes[rank]) if len(plan.rank_sizes) > rank else ceiling
+    if (saved.world_size, plan.rank) != (world_size, rank):
+        mine = make_plan(target_batch, ceiling, world_size, min_micro=plan.min_micro, rank=rank)
+        plan = replace(mine, rank_sizes=plan.rank_sizes if saved.world_size == world_size else ())
+    return plan, saved.probe

@@ -129,7 +129,13 @@ class Resizer:
                 "checkpointing or a smaller model"
             )
         try:
-            new = make_plan(plan.target_batch, smaller, plan.world_size, min_micro=plan.min_micro)
+            new = make_plan(
+                plan.target_batch,
+                smaller,
+                plan.world_size,
+                min_micro=plan.min_micro,
+                rank=plan.rank,
+            )
         except PlanError as err:
             raise NoBatchFitsError(
                 f"at {where} training ran out of memory at micro-batch {old}, and no smaller "
@@ -159,7 +165,7 @@ class Resizer:
         if target <= plan.max_micro:
             return plan
         try:
-            new = make_plan(plan.target_batch, target, plan.world_size, min_micro=plan.min_micro)
+            new = plan.under(target)
         except PlanError:
             return plan
         if new.micro_batch <= plan.micro_batch:

@@ -109,6 +109,7 @@ class Run:
             now = RngState.capture()
             draw = self.source.epoch_state(self.position.epoch)
         states = acc.ranks.gather(encode_random(now, draw))
+        acc.plan = acc.with_rank_sizes(self.plan)  # every rank's split, as it is now
         state = acc.state_dict(writer=acc.dist.rank == 0)
         if state is None:  # rank 0 writes
             return None
@@ -149,8 +150,12 @@ class Run:
         False: the caller probes again). Everything is checked against this run first; on a
         mismatch a :class:`ConfigError`, and nothing was loaded."""
         acc, where = self.acc, saved.path or "the checkpoint"
+        rank, moved = acc.dist.rank, saved.world_size != acc.dist.world_size
+        mine = rank if not moved else 0  # on another world size: the order's (rank 0's)
         try:
-            random = decode_random(saved.random[acc.dist.rank], f"random[{acc.dist.rank}]")
+            random = decode_random(saved.random[mine], f"random[{mine}]")
+            if moved and rank < saved.world_size:  # this rank's own streams, where it had some
+                random["now"] = decode_random(saved.random[rank], f"random[{rank}]")["now"]
         except ConfigError as err:
             raise ConfigError(f"{where} is damaged: {err}") from None
         if random["epoch_draw"] is None and isinstance(self.source, LoaderWindows):
@@ -159,7 +164,17 @@ class Run:
                 "iterable), this run reads a DataLoader: nothing was loaded. Resume with the "
                 "data it was taken with"
             )
-        same_device = acc.load_state_dict(saved)  # checks the rest before it loads anything
+        shared = isinstance(self.source, LoaderWindows) and self.source.global_order
+        same_device = acc.load_state_dict(saved, any_world=shared)  # checks it all, then loads
+        if moved and acc.dist.is_main:
+            warnings.warn(
+                f"{where} was taken on {saved.world_size} rank(s), this run has "
+                f"{acc.dist.world_size}: the windows and their order carry over exactly, but "
+                "each rank's own random streams (dropout, augmentations drawn while training) "
+                "cannot be split anew; ranks without a saved stream start from rank 0's",
+                UserWarning,
+                stacklevel=3,
+            )
         self.position = saved.position
         self.metrics = [dict(m) for m in saved.metrics]
         self.run_id = saved.run_id

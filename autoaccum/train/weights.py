@@ -112,15 +112,18 @@ def reopened(current: Any, state: OpenWindow, window: Any) -> str | None:
 
 
 def stand_in(micros: Sequence[Micro], where: str) -> Micro:
-    """A micro-batch of the window with items, run with weight 0 in place of one without,
-    where the reduction's collectives must run on every rank (``sync="overlap"``)."""
+    """A micro-batch of the window with items, run with weight 0 in place of one without (or
+    of a micro-step this rank has no micro-batch for), where the reduction's collectives must
+    run on every rank (``sync="overlap"``): its gradient adds exactly nothing."""
     for other in micros:
         if other.count > 0:
             return other
     raise ConfigError(
-        f"this rank has no item (no target token that is not ignored) in any micro-batch of "
-        f"{where}, and with sync='overlap' (FSDP2) every rank must run every micro-step; give "
-        "every rank data with targets, or use DDP with sync='deferred'"
+        f"this rank has no item (no target token that is not ignored, or no sample: a short "
+        f"last window with fewer samples than ranks) in any micro-batch of {where}, and with "
+        "sync='overlap' (FSDP2) every rank must run every micro-step; give every rank data "
+        "with targets (drop_last=True drops a short last window), or use DDP with "
+        "sync='deferred'"
     )
 
 
@@ -217,12 +220,18 @@ def open_window(
     samples: int,
     world: int,
     device: torch.device,
+    steps: int | None = None,
 ) -> tuple[list[Micro], OpenWindow]:
     """The window's micro-batches with their weights (``items`` and ``samples`` over all
-    ``world`` ranks), and its fresh running state."""
-    last = len(counts) - 1
+    ``world`` ranks), and its fresh running state. ``steps``: run that many micro-steps, the
+    ones beyond this rank's micro-batches adding nothing (where every rank must run every
+    micro-step: FSDP2, overlapped sync)."""
+    batches = list(window.data.micro_batches)
+    steps = max(steps or 0, len(batches))
+    counts = counts + [0.0] * (steps - len(batches))
+    batches += [None] * (steps - len(batches))  # stand-ins: run with weight 0 (stand_in)
     micros = [
-        Micro(batch, i, count, count * world / items, i == last, window)
-        for i, (batch, count) in enumerate(zip(window.data.micro_batches, counts, strict=True))
+        Micro(batch, i, count, count * world / items, i == steps - 1, window)
+        for i, (batch, count) in enumerate(zip(batches, counts, strict=True))
     ]
     return micros, OpenWindow(len(micros), items, samples, device)

@@ -140,7 +140,7 @@ class WindowTrainer:
 
         def count() -> list[float]:
             prepare = getattr(self.count_fn, "prepare", None)
-            if callable(prepare) and not self._prepared:  # e.g. whether the model shifts labels
+            if callable(prepare) and not self._prepared and batches:  # e.g. labels shifted?
                 prepare(self.forward_model, to_device(batches[0], self.device))
                 self._prepared = True
             return W.count_window(batches, self.count_fn, where)
@@ -154,8 +154,15 @@ class WindowTrainer:
             where=where,
         )
         W.check_items(agreed.items, where)
+        every = self.sync == "overlap"  # every rank runs every micro-step: its collectives
         micros, state = W.open_window(
-            window, counts, agreed.items, agreed.samples, self.ranks.size, self.device
+            window,
+            counts,
+            agreed.items,
+            agreed.samples,
+            self.ranks.size,
+            self.device,
+            steps=max(agreed.each) if every else None,
         )
         state.most_steps = max(agreed.each)
         self._buffers.save(self.module)
@@ -213,10 +220,11 @@ class WindowTrainer:
 
     # ------------------------------------------------------------------ 2 … n+1: every micro-step
 
-    def micro_steps(self, window: TrainWindow) -> dict[str, float] | None:
+    def micro_steps(self, window: TrainWindow) -> tuple[bool, dict[str, float]] | None:
         """Every micro-step of ``window``, each agreed on by every rank (exchanges 2 … n+1):
         None when all succeeded; after an out-of-memory error on any rank (the window dropped
-        on every rank), what it tells about the size to retry with."""
+        on every rank), whether this rank ran out, and what its error tells about the size to
+        retry with."""
         where = self.where(window.data)
         for micro in window:
             failure: BaseException | None = None
@@ -245,7 +253,7 @@ class WindowTrainer:
 
     def _drop_after_oom(
         self, ranks_out: int, reading: dict[str, float] | None, where: str
-    ) -> dict[str, float]:
+    ) -> tuple[bool, dict[str, float]]:
         """Drop the window on this rank after ``ranks_out`` ranks ran out of memory, where
         re-running it is safe; otherwise stop every rank with a clear error."""
         self.abort()  # every rank drops the window (the failing one already has)
@@ -258,7 +266,7 @@ class WindowTrainer:
                 "such errors, or a smaller max_micro"
             )
         free_memory(self.device)  # outside the except block: no frame pins the tensors
-        return reading if reading is not None and not self.ranks.multi else {}
+        return reading is not None, reading or {}
 
     # ------------------------------------------------------------------ n+2, n+3: the step
 
@@ -331,12 +339,14 @@ class WindowTrainer:
     def train(self, window: TrainWindow, plan: Plan) -> tuple[StepOutcome, Plan]:
         """All of ``window``'s micro-steps and its optimizer step under ``plan``; the outcome
         and the next window's plan. After an out-of-memory error on any rank the window is
-        dropped and re-run smaller on every rank: nothing of it had reached the weights, and
-        the gradient is count-weighted, so the step is the same (the sizes: the resizer)."""
+        dropped on every rank and re-run, smaller on the ranks that ran out: nothing of it had
+        reached the weights, and the gradient is count-weighted, so the step is the same."""
         current = window.recut(rechunk(window.data.micro_batches, plan))
         while (oom := self.micro_steps(current)) is not None:
-            where = self.where(window.data)
-            plan = self.resizer.after_oom(plan, window.data, self.steps + 1, where, **oom)
+            here, reading = oom  # only a rank that ran out shrinks; the others run it again
+            if here:
+                where = self.where(window.data)
+                plan = self.resizer.after_oom(plan, window.data, self.steps + 1, where, **reading)
             current = window.recut(rechunk(current.data.micro_batches, plan))
         outcome = self.step()
         return outcome, self.resizer.after_window(plan, window.data, self.steps)

@@ -14,13 +14,14 @@ epoch may be short), split into micro-batches per ``plan.micro_sizes`` (or
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from torch.utils.data import DataLoader, IterableDataset
 
 from autoaccum.errors import BatchError, ConfigError, check_count
 from autoaccum.plan import Plan
+from autoaccum.step.ranks import Ranks
 from autoaccum.train.data.cut import Window
 from autoaccum.train.data.iterable import IterableWindows
 from autoaccum.train.data.loader import LoaderWindows
@@ -60,14 +61,18 @@ class WindowSource(Protocol):
 
 
 def window_source(
-    data: Iterable[Any], *, rank: int = 0, world_size: int = 1, seed: int = 0
+    data: Iterable[Any],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    share_order: Callable[[list[Any]], list[Any]] | None = None,
 ) -> WindowSource:
     """The windows of ``data`` for this rank: a DataLoader over a map-style dataset is
     re-batched, anything else iterable is re-chunked.
 
-    ``rank`` and ``world_size`` say which share of a DataLoader's dataset this process
-    reads; ``seed`` seeds the DistributedSampler built for a shuffling loader in a
-    distributed run, so that all ranks agree on the permutation.
+    ``rank`` and ``world_size`` say which share of every window of a DataLoader's dataset this
+    process reads; ``share_order`` makes the epoch's order rank 0's on every rank
+    (:meth:`~autoaccum.step.ranks.Ranks.share`).
     """
     world_size = check_count("world_size", world_size)
     rank = check_count("rank", rank, minimum=0)
@@ -76,10 +81,8 @@ def window_source(
             f"rank {rank} is out of range for world_size {world_size}; ranks are "
             f"0..{world_size - 1}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
     if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
-        return LoaderWindows(data, rank=rank, world_size=world_size, seed=seed)
+        return LoaderWindows(data, rank=rank, world_size=world_size, share_order=share_order)
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise ConfigError(
             f"the data must be a DataLoader or an iterable of batches, got {type(data).__name__}"
@@ -87,11 +90,13 @@ def window_source(
     return IterableWindows(data)
 
 
-def as_source(data: Any, *, rank: int = 0, world: int = 1) -> WindowSource:
-    """``data`` when it is a window source already, else :func:`window_source` of it."""
+def as_source(data: Any, ranks: Ranks) -> WindowSource:
+    """``data`` when it is a window source already, else :func:`window_source` of it for this
+    rank among ``ranks`` (which share the epoch's order)."""
     if isinstance(data, (LoaderWindows, IterableWindows)):
         return data
-    return window_source(data, rank=rank, world_size=world)
+    share = ranks.share if ranks.multi else None
+    return window_source(data, rank=ranks.rank, world_size=ranks.size, share_order=share)
 
 
 def check_evaluation_data(data: object) -> None:

@@ -23,24 +23,23 @@ def epoch_windows(
     *,
     ranks: Ranks,
     skip: int = 0,
-    equal_steps: bool = False,
     dropped: Callable[[Window], None] = lambda window: None,
 ) -> Iterator[Window]:
     """``source``'s windows of ``epoch`` (from window ``skip``), read together on every rank.
 
-    ``dropped(window)`` is told of every window that left samples out. With rank-local data
-    the epoch ends on every rank when the first runs out; ``equal_steps`` (FSDP2) makes
-    windows of different micro-step counts on the ranks an error.
+    ``dropped(window)`` is told of every window that left samples out. A shared window is
+    yielded on every rank, also where this rank's share of it is empty; with rank-local data
+    the epoch ends on every rank when the first runs out.
     """
     _start_epoch(source, ranks)
     for window in ranks.iterate(source.windows(plan, epoch, skip=skip)):
         dropped(window)
-        if source.rank_local and not _all_have(ranks, len(window.micro_batches), equal_steps):
+        if source.rank_local and not _all_have(ranks, len(window.micro_batches)):
             return
-        if window.micro_batches:
+        if window.micro_batches or not source.rank_local:  # a shared window: every rank
             yield window
     if source.rank_local:
-        _all_have(ranks, 0, equal_steps)  # tell the ranks still holding data to stop
+        _all_have(ranks, 0)  # tell the ranks still holding data to stop
 
 
 def _start_epoch(source: WindowSource, ranks: Ranks) -> None:
@@ -59,24 +58,13 @@ def _start_epoch(source: WindowSource, ranks: Ranks) -> None:
         )
 
 
-def _all_have(ranks: Ranks, micro_steps: int, equal_steps: bool) -> bool:
+def _all_have(ranks: Ranks, micro_steps: int) -> bool:
     agreed = ranks.agree(
         "checking that every rank has a window (rank-local data)",
         missing=micro_steps == 0,
         each=micro_steps,
     )
-    if agreed.missing:
-        return False
-    if equal_steps and not agreed.each_equal:
-        raise DistributedError(
-            f"the ranks' windows have {min(agreed.each)} to {max(agreed.each)} micro-batches "
-            f"(rank by rank: {list(agreed.each)}): with rank-local data (not a DataLoader over "
-            "a map-style dataset) the ranks hold different numbers of samples in this window, "
-            "which an FSDP2 model cannot train (every micro-step all-gathers its parameters on "
-            "all ranks). Give every rank the same number of samples, or pass a DataLoader and "
-            "let autoaccum shard it"
-        )
-    return True
+    return not agreed.missing
 
 
 def warn_larger_than_data(source: WindowSource, plan: Plan, world_size: int) -> None:

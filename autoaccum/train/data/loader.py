@@ -7,12 +7,16 @@ sample) and every window holds exactly ``plan.per_rank`` samples. The loader's
 ``batch_size`` does not matter; with ``drop_last=True`` the short last window of an
 epoch is dropped (and counted), otherwise it is trained, weighted by its own size.
 
-In a distributed run each rank reads its share through a DistributedSampler (the
-user's, or one autoaccum builds, shuffling iff the loader shuffled), so global window k
-is samples ``k·target_batch .. (k+1)·target_batch - 1`` of the epoch's order; like any
-DDP run, DistributedSampler repeats a few samples so that the dataset divides evenly
-among the ranks. A custom batch_sampler (e.g. bucketing) keeps only its order of
-indices: its grouping is replaced by autoaccum's windows.
+The epoch's order is the one the user's loader draws in one process (its sampler, its
+generator or torch's seed), whatever the number of ranks: global window k is samples
+``k·target_batch .. (k+1)·target_batch - 1`` of it, and each rank reads its share of every
+window (:func:`~autoaccum.plan.shares`: as equal as the counts allow, no sample repeated),
+so the run is the same on 1, 2 or 3 ranks and every sample counts once per epoch. The ranks
+train on rank 0's draw (``share_order``), so a rank seeded otherwise cannot part from it. A
+user's own DistributedSampler is kept as it is: each rank then reads its sampler's share
+(world-size dependent, padded as DistributedSampler pads). A custom batch_sampler (e.g.
+bucketing) keeps only its order of indices: its grouping is replaced by autoaccum's
+windows.
 
 The random state advances exactly as the user's own loader would advance it: each
 epoch draws the workers' base seed and the sampler's permutation once, from the same
@@ -24,22 +28,19 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-)
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from autoaccum.errors import BatchError, ConfigError, check_count
-from autoaccum.plan import Plan
+from autoaccum.plan import Plan, shares
 from autoaccum.step.rng import preserved_rng
 from autoaccum.train.data.cut import Window, too_small
 from autoaccum.train.data.heaviest import SizeFn, heaviest
-from autoaccum.train.data.order import DrawState, fork_base_seed, rank_sampler
+from autoaccum.train.data.order import DrawState, check_rank_sampler, fork_base_seed
 
 __all__ = ["LOADER_SETTINGS", "LoaderWindows"]
 
@@ -82,12 +83,21 @@ class LoaderWindows:
     rank_local = False
 
     def __init__(
-        self, loader: DataLoader[Any], *, rank: int = 0, world_size: int = 1, seed: int = 0
+        self,
+        loader: DataLoader[Any],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        share_order: Callable[[list[Any]], list[Any]] | None = None,
     ) -> None:
         self.loader = loader
         self.rank = rank
         self.world_size = world_size
-        self.seed = seed
+        #: every rank's epoch order made rank 0's (None: this rank's draw is taken as it is)
+        self.share_order = share_order
+        #: True when every rank reads shares of the one global order (False: the user's
+        #: DistributedSampler gives each rank its own share)
+        self.global_order = True
         self._sampler: Iterable[Any] | None = None
         self._batch_sampler: Iterable[Sequence[Any]] | None = None
         self._collate_fn: Any = loader.collate_fn
@@ -107,15 +117,8 @@ class LoaderWindows:
         if user_batch_sampler is None or type(user_batch_sampler) is BatchSampler:
             # A plain BatchSampler only groups its sampler's order; take that order.
             sampler = loader.sampler if user_batch_sampler is None else user_batch_sampler.sampler
-            self._sampler = rank_sampler(
-                loader, sampler, rank=self.rank, world_size=self.world_size, seed=self.seed
-            )
-        elif self.world_size > 1:
-            raise ConfigError(
-                f"the DataLoader has a custom batch_sampler ({type(user_batch_sampler).__name__}), "
-                "which autoaccum cannot shard across ranks; pass a DataLoader with "
-                "sampler=DistributedSampler(dataset) instead (autoaccum makes the batches)"
-            )
+            self._sampler = check_rank_sampler(sampler, rank=self.rank, world_size=self.world_size)
+            self.global_order = not isinstance(sampler, DistributedSampler)
         else:
             # Its grouping (e.g. bucketing) is replaced by autoaccum's windows; only
             # the order of its indices is kept.
@@ -133,8 +136,9 @@ class LoaderWindows:
     # ------------------------------------------------------------------ sizes
 
     def samples_per_epoch(self) -> int | None:
-        """Samples this rank sees per epoch, or None when that is not knowable up front
-        (a custom batch_sampler, a sampler without a length)."""
+        """Samples in an epoch's order: the whole dataset's, which the ranks share
+        (:attr:`global_order`), or this rank's own with a DistributedSampler; None when not
+        knowable up front (a custom batch_sampler, a sampler without a length)."""
         if self._batch_sampler is not None or not isinstance(self._sampler, Sized):
             return None
         return len(self._sampler)
@@ -147,13 +151,14 @@ class LoaderWindows:
             return None
 
     def num_windows(self, plan: Plan) -> int | None:
-        """Windows (optimizer steps) per epoch on this rank, or None when not knowable."""
+        """Windows (optimizer steps) per epoch, or None when not knowable."""
         samples = self.samples_per_epoch()
         if samples is None:
             return None
+        window = plan.target_batch if self.global_order else plan.per_rank
         if self.loader.drop_last:
-            return samples // plan.per_rank
-        return math.ceil(samples / plan.per_rank)
+            return samples // window
+        return math.ceil(samples / window)
 
     # ------------------------------------------------------------------ order
 
@@ -183,6 +188,8 @@ class LoaderWindows:
         else:
             assert self._sampler is not None  # set by _setup whenever there is no batch_sampler
             order = list(self._sampler)
+        if self.global_order and self.share_order is not None:
+            order = self.share_order(order)  # rank 0's: every rank reads the same order
         return order, replay
 
     def epoch_state(self, epoch: int) -> DrawState | None:
@@ -254,21 +261,26 @@ class LoaderWindows:
             raise self._empty_error()
         micro_lists: list[list[Any]] = []
         layout: list[tuple[int, tuple[int, ...], int, str]] = []
-        for index, start in enumerate(range(0, len(order), plan.per_rank)):
-            window = order[start : start + plan.per_rank]
-            if len(window) < plan.per_rank and self.loader.drop_last:
+        size = plan.target_batch if self.global_order else plan.per_rank
+        for index, start in enumerate(range(0, len(order), size)):
+            window = order[start : start + size]
+            if len(window) < size and self.loader.drop_last:
                 sizes: tuple[int, ...] = ()
                 why = "the DataLoader has drop_last=True"
             else:
+                if self.global_order:  # this rank's share of the global window
+                    counts = shares(len(window), self.world_size)
+                    first = sum(counts[: self.rank])
+                    window = window[first : first + counts[self.rank]]
                 sizes = plan.window_sizes(len(window))
                 why = too_small(plan.min_micro)
             if index < skip:
                 continue
             layout.append((index, sizes, len(window) - sum(sizes), why))
             offset = 0
-            for size in sizes:
-                micro_lists.append(window[offset : offset + size])
-                offset += size
+            for size_ in sizes:
+                micro_lists.append(window[offset : offset + size_])
+                offset += size_
         return self._fetch(replay, micro_lists, layout, epoch)
 
     def _inner_loader(self, replay: torch.Generator | None) -> DataLoader[Any]:

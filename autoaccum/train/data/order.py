@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DistributedSampler
 
 from autoaccum.errors import ConfigError
 from autoaccum.step.rng import RngState
 
-__all__ = ["DrawState", "fork_base_seed", "rank_sampler"]
+__all__ = ["DrawState", "check_rank_sampler", "fork_base_seed"]
 
 
 def fork_base_seed(generator: torch.Generator | None) -> torch.Generator:
@@ -52,33 +52,18 @@ class DrawState:
             generator.set_state(self.generator)
 
 
-def rank_sampler(
-    loader: DataLoader[Any], sampler: Iterable[Any], *, rank: int, world_size: int, seed: int
-) -> Iterable[Any]:
-    """The sampler giving this rank's index order."""
-    if isinstance(sampler, DistributedSampler):
-        if sampler.num_replicas != world_size or sampler.rank != rank:
-            raise ConfigError(
-                f"the DataLoader's DistributedSampler is for rank {sampler.rank} of "
-                f"{sampler.num_replicas}, but this process is rank {rank} of "
-                f"{world_size}; build it with num_replicas={world_size}, "
-                f"rank={rank}, or let autoaccum build it (pass shuffle=True/False)"
-            )
-        return sampler
-    if world_size == 1:
-        return sampler
-    if isinstance(sampler, (SequentialSampler, RandomSampler)):
-        return DistributedSampler(
-            loader.dataset,
-            num_replicas=world_size,
-            rank=rank,
-            shuffle=isinstance(sampler, RandomSampler),
-            seed=seed,
-            drop_last=False,
+def check_rank_sampler(sampler: Iterable[Any], *, rank: int, world_size: int) -> Iterable[Any]:
+    """``sampler``, checked: a DistributedSampler (the user's own, giving each rank its share)
+    must be for this rank and world size. Any other sampler gives the global order, which
+    the ranks share window by window."""
+    if isinstance(sampler, DistributedSampler) and (
+        sampler.num_replicas != world_size or sampler.rank != rank
+    ):
+        raise ConfigError(
+            f"the DataLoader's DistributedSampler is for rank {sampler.rank} of "
+            f"{sampler.num_replicas}, but this process is rank {rank} of {world_size}; build it "
+            f"with num_replicas={world_size}, rank={rank}, or pass the DataLoader without it "
+            "(shuffle=True/False): autoaccum shares every window among the ranks itself, the "
+            "same way on any number of ranks"
         )
-    raise ConfigError(
-        f"the DataLoader's sampler ({type(sampler).__name__}) cannot be sharded across "
-        f"{world_size} ranks by autoaccum; pass a DataLoader with "
-        "sampler=DistributedSampler(dataset, num_replicas=world_size, rank=rank), "
-        "or shuffle=True/False and let autoaccum build one"
-    )
+    return sampler
