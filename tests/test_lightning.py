@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import OOMAbove, bn_net, hide_package, mlp
+from launch import run
 from lightning_ddp_worker import RANK1_LIMIT, SAMPLES, TARGET, Net, Record, trainer
 from reference import LR, ce, reference, rel_diff, samples, token_ce, token_model, tokens
 from reference import windows_of as windows
@@ -31,16 +30,7 @@ from autoaccum.lightning import AutoAccum, equal_plan
 
 TOL = 1e-10
 WORKER = Path(__file__).parent / "lightning_ddp_worker.py"
-_LAUNCHER_VARS = (
-    "MASTER_",
-    "RANK",
-    "LOCAL_",
-    "WORLD_",
-    "NODE_RANK",
-    "GROUP_",
-    "TORCHELASTIC",
-    "PL_",
-)
+BOUND = 180.0  #: seconds for the 2-process DDP launch before it counts as a hang
 
 
 @pytest.fixture(autouse=True)
@@ -214,42 +204,9 @@ def test_manual_optimization_is_refused() -> None:
 # ------------------------------------------------------------------ DDP, 2 processes
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.distributed
 def test_ddp_ranks_agree_and_the_step_is_exact(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_VARS)}
-    env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        WORLD_SIZE="2",
-        NODE_RANK="0",
-    )
-    procs, logs = [], []
-    for rank in (0, 1):
-        logs.append(tmp_path / f"rank{rank}.log")
-        with logs[-1].open("w") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), str(tmp_path)],
-                    env={**env, "LOCAL_RANK": str(rank), "RANK": str(rank)},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    try:
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    shown = "\n".join(f"--- rank {r} ---\n{log.read_text()[-3000:]}" for r, log in enumerate(logs))
-    assert codes == [0, 0], shown
+    run(WORKER, str(tmp_path), folder=tmp_path, bound=BOUND, nproc=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for saved in ranks:
         assert saved["world"] == 2
