@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autoaccum.errors import ConfigError, DistributedError
+from autoaccum.rendezvous import join
 
 __all__ = [
     "SYNC_MODES",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+#: torch's own default for a group's collectives
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 #: How a multi-rank window reduces its gradients: ``"deferred"`` (one all-reduce once every
 #: rank's micro-steps succeeded) or ``"overlap"`` (DDP's or FSDP2's own, in the last
@@ -124,7 +127,10 @@ def init_from_env(
     """Initialise the default process group from torchrun's variables; True if it did.
 
     Nothing happens when a group already exists or the variables are absent. The
-    backend is NCCL for CUDA devices, gloo otherwise; ``timeout`` bounds its collectives.
+    backend is NCCL for CUDA devices, gloo otherwise; ``timeout`` bounds its collectives
+    and how long a rank waits for the others to arrive. The group is kept for the rest of
+    the process and destroyed at exit; a rank that fails to join stops every rank within
+    seconds (:mod:`autoaccum.rendezvous`).
     """
     if not dist.is_available() or dist.is_initialized() or not _torchrun_env():
         return False
@@ -133,17 +139,7 @@ def init_from_env(
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_cuda_index())
-    try:
-        dist.init_process_group(backend=backend, timeout=timeout)
-    except Exception as exc:
-        raise DistributedError(
-            f"could not initialise the {backend} process group from torchrun's environment "
-            f"(RANK={os.environ.get('RANK')}, WORLD_SIZE={os.environ.get('WORLD_SIZE')}, "
-            f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
-            f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}. Check that every rank was "
-            "launched with the same rendezvous settings, or call "
-            "torch.distributed.init_process_group() yourself before autoaccum.fit()"
-        ) from exc
+    join(backend, timeout if timeout is not None else DEFAULT_TIMEOUT)
     return True
 
 

@@ -1,8 +1,8 @@
 """The LightningModule the Lightning tests train, and a 2-process DDP run of it on the CPU.
 
-Run as ``python tests/lightning_ddp_worker.py OUT`` once per rank with torchrun's variables
-(``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``): Lightning then joins the
-processes it finds instead of launching them (gloo). Rank 1's model runs out of memory above
+Run as ``torchrun --standalone --nproc-per-node=2 tests/lightning_ddp_worker.py OUT`` (the
+test does, through tests/launch.py): Lightning then joins the processes torchrun started
+instead of launching its own (gloo). Rank 1's model runs out of memory above
 6 samples, rank 0's never, so the ranks must agree on every probe trial. Each rank writes what
 it saw to ``OUT/rank{r}.json``; the test compares it with a single-process float64 reference.
 """

@@ -1,27 +1,30 @@
-"""Real torch.distributed, 2 processes on gloo: fit on 2 ranks equals 1-process full-window SGD.
+"""Real torch.distributed, 2 processes on gloo, launched by torchrun as users launch: fit on
+2 ranks equals 1-process full-window SGD.
 
-Every test launches ``tests/dist_workers/worker.py`` twice (rank 0 and 1) as
-subprocesses and compares what they saved with a single-process float64 reference
-built here. ``*_env`` scenarios give the workers torchrun's variables (MASTER_ADDR,
-MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) and let ``fit`` create the process group
-itself; the others initialise it in the worker (30 s collective timeout). A hang
-fails the test at ``TIMEOUT`` seconds, and a failing rank's output is shown.
+One launch of ``tests/dist_workers/worker.py`` (``torchrun --standalone --nproc-per-node=2``)
+runs every scenario in turn, so the imports are paid once: first those that initialise their
+own group, then those in which ``fit`` makes the group from torchrun's variables and keeps it
+for the fits that follow (:mod:`dist_workers.fit_group`). The tests compare what the ranks
+saved with a single-process float64 reference built here. A launch that runs past ``BOUND``
+fails with each rank's stack (:mod:`launch`).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import shutil
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from dist_workers.common import WORLD
+from dist_workers.fit_group import ENV_TIMEOUT, MISSING_TIMEOUT
+from dist_workers.worker import TIMEOUT
 from helpers import mlp
+from launch import run
 from reference import (
     ce,
     reference,
@@ -32,116 +35,58 @@ from reference import (
     tokens,
     windows_of,
 )
+from torch.utils.data import DataLoader
 
-# one worker runs the module: its scenarios share launches (a module-scoped fixture)
-pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
+import autoaccum
+from autoaccum import distributed as D
+from autoaccum.errors import DistributedError
+from autoaccum.rendezvous import connect_bound
+
+pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).parent / "dist_workers" / "worker.py"
-TIMEOUT = 240.0  # seconds for a whole 2-process launch (a suite of scenarios); collectives: 30
+BOUND = 300.0  #: seconds for one launch (a suite of scenarios) before it counts as a hang
 TOL = 1e-10
-_TORCHRUN_VARS = (
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "TORCHELASTIC_RUN_ID",
+
+#: Every scenario, in the order one pair of processes runs them: those in a group of their
+#: own first, then those in which fit makes the group (``*_env``), the first resume half too.
+SUITE = (
+    "tokens",
+    "comm_hook",
+    "oom_on_rank0",
+    "rank_local",
+    "fsdp2",
+    "oom_recovery",
+    "failures",
+    "callback_faults",
+    "resume_first",
+    "samples_env",
+    "plan_error_env",
+    "failure_env",
+    "more_fits_env",
+    "rejoin_env",
+    "init_failure_env",
+    "missing_rank_env",
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _logs(logs: list[Path]) -> str:
-    return "\n".join(
-        f"----- rank {rank} -----\n{path.read_text(errors='replace')}"
-        for rank, path in enumerate(logs)
-    )
-
-
-def launch(scenario: str, tmp_path: Path) -> list[dict[str, Any]]:
-    """Run ``scenario`` on ``WORLD`` worker processes; what each rank saved, in rank order."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs, logs = [], []
-    for rank in range(WORLD):
-        rank_env = dict(env)
-        if scenario.split("+")[0].endswith("_env"):
-            rank_env.update(
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                RANK=str(rank),
-                WORLD_SIZE=str(WORLD),
-                LOCAL_RANK=str(rank),
-                LOCAL_WORLD_SIZE=str(WORLD),
-            )
-        log = tmp_path / f"rank{rank}.log"
-        logs.append(log)
-        with log.open("w") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), scenario, str(rank), str(port), str(tmp_path)],
-                    env=rank_env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    deadline = time.monotonic() + TIMEOUT
-    failed_at = None
-    while any(p.poll() is None for p in procs):
-        now = time.monotonic()
-        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
-            failed_at = now  # let the others report their side for a moment, then stop them
-        if now > deadline or (failed_at is not None and now - failed_at > 5):
-            break
-        time.sleep(0.05)
-    hung = [rank for rank, p in enumerate(procs) if p.poll() is None]
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    codes = [p.returncode for p in procs]
-    if hung and failed_at is None:
-        pytest.fail(
-            f"{scenario}: ranks {hung} still running after {TIMEOUT:.0f}s (a hang)\n" + _logs(logs)
-        )
-    if any(codes):
-        pytest.fail(f"{scenario}: worker exit codes {codes}\n" + _logs(logs))
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-#: Scenarios that share one pair of worker processes (one start, one process group), run in
-#: this order; the env ones let fit create and destroy the group, one after the other.
-SUITES = {
-    "own_group": (
-        "tokens",
-        "comm_hook",
-        "oom_on_rank0",
-        "rank_local",
-        "fsdp2",
-        "oom_recovery",
-        "failures",
-        "callback_faults",
-    ),
-    "env": ("samples_env", "plan_error_env", "failure_env"),
-}
+def launch(scenarios: tuple[str, ...], folder: Path) -> list[dict[str, Any]]:
+    """Run ``scenarios`` on ``WORLD`` ranks under torchrun; what each rank saved, in rank
+    order (each rank's file holds one entry per scenario)."""
+    run(WORKER, "+".join(scenarios), str(folder), folder=folder, bound=BOUND, nproc=WORLD)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
-def suites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    """Every suite's scenarios, launched once for the module: what each rank saved, by name."""
-    outs: dict[str, list[dict[str, Any]]] = {}
-    for suite, names in SUITES.items():
-        ranks = launch("+".join(names), tmp_path_factory.mktemp(suite))
-        for name in names:
-            outs[name] = [rank_out[name] for rank_out in ranks]
-    return outs
+def suite_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("suite")
+
+
+@pytest.fixture(scope="module")
+def suites(suite_folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every scenario, launched once for the module: what each rank saved, by name."""
+    ranks = launch(SUITE, suite_folder)
+    return {name: [rank_out[name] for rank_out in ranks] for name in SUITE}
 
 
 def assert_exact(outs: list[dict[str, Any]], ref: torch.nn.Module, ref_losses: list[float]) -> None:
@@ -155,7 +100,7 @@ def assert_exact(outs: list[dict[str, Any]], ref: torch.nn.Module, ref_losses: l
 def test_two_ranks_equal_one_process_full_window_sgd(
     suites: dict[str, list[dict[str, Any]]],
 ) -> None:
-    """fit's own init from torchrun's variables; uneven micro sizes and a short last window."""
+    """fit's own group from torchrun's variables; uneven micro sizes and a short last window."""
     outs = suites["samples_env"]
     data = samples(26)
     ref = mlp()
@@ -166,7 +111,8 @@ def test_two_ranks_equal_one_process_full_window_sgd(
     for out in outs:
         assert out["micro_sizes"] == (2, 2, 1)  # 5 per rank, max_micro 2
         assert out["samples_seen"] == 26  # global, not per rank
-        assert out["group_left_behind"] is False  # fit destroyed the group it created
+        assert out["group_kept"] is True  # for the fits that follow in this process
+        assert out["collective_timeout"] == ENV_TIMEOUT  # fit's timeout, not the connect bound
 
 
 def test_token_weighted_ranks_with_different_token_counts(
@@ -232,7 +178,7 @@ def test_target_not_divisible_by_world_size_fails_on_every_rank(
     for out in outs:
         assert "target_batch 15 does not divide evenly among 2 ranks" in out["error"]
         assert "14 or 16" in out["error"]
-        assert out["group_left_behind"] is False
+        assert out["same_group"] is True  # the group the first fit made, reused
 
 
 def test_rank_local_data_stops_when_the_first_rank_runs_out(
@@ -318,33 +264,199 @@ def test_a_failure_one_rank_cannot_recover_stops_every_rank_without_waiting(
     assert kind0 == "DistributedError"  # the other learns what happened, and where
     assert "rank 1: OutOfMemoryError" in message0
     assert "the optimizer update of optimizer step 2" in message0
-    assert max(seconds0, seconds1) < 15  # not the 30 s collective timeout
+    prompt = TIMEOUT.total_seconds() / 2  # a rank left waiting would wait the whole timeout
+    assert max(seconds0, seconds1) < prompt
     kinds = [out["loss_fn"][0] for out in outs]
     assert kinds == ["DistributedError", "ValueError"]
     assert "rank 1: ValueError: a corrupt sample in the data" in outs[0]["loss_fn"][1]
-    assert max(out["loss_fn"][2] for out in outs) < 15
+    assert max(out["loss_fn"][2] for out in outs) < prompt
 
 
 def test_without_a_supervisor_one_ranks_error_ends_every_rank(
     suites: dict[str, list[dict[str, Any]]],
 ) -> None:
     """fit made the group from torchrun's variables, nothing kills the healthy rank: it must
-    stop by itself, promptly, and both ranks leave no group behind."""
+    stop by itself, promptly (not after fit's timeout), and the group stays for later fits."""
     outs = suites["failure_env"]
     assert [out["error"][0] for out in outs] == ["DistributedError", "RuntimeError"]
-    assert all(out["error"][2] < 15 for out in outs)
-    assert not any(out["group_left_behind"] for out in outs)
+    assert all(out["error"][2] < ENV_TIMEOUT / 2 for out in outs)
+    assert all(out["same_group"] for out in outs)
 
 
-def test_two_ranks_resume_bit_identical_to_the_run_that_never_stopped(tmp_path: Path) -> None:
-    """2 gloo ranks, a shuffled DataLoader sharded by autoaccum, token-weighted losses,
-    dropout, AdamW: stopped after 3 of 7 steps, resumed by new processes."""
-    first = launch("resume_first", tmp_path)
-    second = launch("resume_second", tmp_path)
+# ------------------------------------------------------------------ fit called several times
+
+
+def test_later_fits_reuse_the_group_with_other_models_and_targets(
+    suites: dict[str, list[dict[str, Any]]],
+) -> None:
+    """A fourth and fifth fit in the same processes (after a success, a plan error and a
+    failure): a token model at target 14, then a probed MLP at 16, each exact."""
+    outs = suites["more_fits_env"]
+    assert all(out["same_group"] for out in outs)
+    tokens_ref = token_model()
+    assert_exact(
+        [out["tokens"] for out in outs],
+        tokens_ref,
+        reference(tokens_ref, windows_of(tokens(30), 14), token_ce),
+    )
+    probed_ref = mlp()
+    probed_losses = reference(probed_ref, windows_of(samples(32), 16), ce)
+    assert_exact([out["probed"] for out in outs], probed_ref, probed_losses)
+    for out in outs:
+        assert out["probed"]["probe"]["largest_pass"] == 3  # rank 0's limit, agreed
+
+
+def test_a_group_destroyed_between_fits_is_made_again(
+    suites: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The script destroys the group after a fit; the next fit makes a new one on the same
+    torchrun store and trains exactly."""
+    outs = suites["rejoin_env"]
+    ref = mlp(seed=2)
+    assert_exact(outs, ref, reference(ref, windows_of(samples(24), 8), ce))
+    assert all(out["new_group"] for out in outs)
+
+
+@pytest.mark.parametrize("late", [1, 0])
+def test_a_rank_that_cannot_connect_stops_every_rank_within_the_connect_bound(
+    suites: dict[str, list[dict[str, Any]]], late: int
+) -> None:
+    """Rank 1's gloo has no network interface: both ranks raise a DistributedError naming
+    rank 1's failure, within the connect bound (seconds), not fit's timeout of 120 s, and no
+    group is left; the next fit of both ranks trains exactly. Rank 1 late: rank 0 learns it
+    while it waits; rank 0 late: it is connecting when rank 1 fails."""
+    outs = [out[f"rank{late}_late"] for out in suites["init_failure_env"]]
+    bound = connect_bound(WORLD, datetime.timedelta(seconds=120)).total_seconds()
+    for rank, out in enumerate(outs):
+        message, seconds, group_left = out["error"]
+        assert "rank 1: could not connect (gloo): RuntimeError" in message, rank
+        assert "no-such-if0" in message, rank
+        assert group_left is False
+        assert seconds < 1 + bound + 20, rank  # late by 1 s, the bound, slack for a busy machine
+    ref = mlp(seed=3)
+    ref_losses = reference(ref, windows_of(samples(20), 10), ce)
+    assert_exact([out["after"] for out in outs], ref, ref_losses)
+
+
+def test_a_rank_that_never_comes_is_named_after_fits_timeout(
+    suites: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Rank 1 skips a fit: rank 0 stops after fit's timeout saying rank 1 never came; rank 1,
+    late to the set-up rank 0 gave up, stops at once with the same words; then both ranks
+    train together again, exactly."""
+    outs = suites["missing_rank_env"]
+    for out in outs:
+        assert (
+            "rank 0: ranks [1] did not reach the process group's set-up within 3s"
+            in out["error"][0]
+        )
+    assert MISSING_TIMEOUT <= outs[0]["error"][1] < MISSING_TIMEOUT + 20
+    assert outs[1]["error"][1] < MISSING_TIMEOUT / 2  # at once: not after a timeout of its own
+    ref = mlp(seed=4)
+    assert_exact(
+        [out["after"] for out in outs], ref, reference(ref, windows_of(samples(20), 10), ce)
+    )
+
+
+def test_the_group_fit_made_is_destroyed_when_the_process_exits(
+    suites: dict[str, list[dict[str, Any]]], suite_folder: Path
+) -> None:
     for rank in range(WORLD):
-        straight = first[rank]["straight"]
-        assert second[rank]["losses"] == straight["losses"]
-        for p, q in zip(second[rank]["params"], straight["params"], strict=True):
+        assert (suite_folder / f"exit{rank}.txt").read_text() == "False"
+
+
+def test_a_single_process_fit_from_torchruns_variables_keeps_its_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """World size 1 in this process (rank 0 serves the store): two fits, one group."""
+    _torchrun_variables(monkeypatch, world_size=1)
+    try:
+        first = autoaccum.fit(
+            mlp(),
+            DataLoader(samples(12), batch_size=4),
+            4,
+            loss_fn=ce,
+            max_micro=2,
+            device="cpu",
+            progress=False,
+            report=False,
+        )
+        group = torch.distributed.group.WORLD
+        second = autoaccum.fit(
+            mlp(seed=1),
+            DataLoader(samples(9), batch_size=3),
+            3,
+            loss_fn=ce,
+            max_micro=3,
+            device="cpu",
+            progress=False,
+            report=False,
+        )
+        assert torch.distributed.group.WORLD is group
+        assert (first.plan.world_size, second.plan.world_size) == (1, 1)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_the_only_rank_that_comes_stops_after_the_timeout_naming_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _torchrun_variables(monkeypatch, world_size=3)
+    with pytest.raises(DistributedError, match=r"ranks \[1, 2\] did not reach"):
+        D.init_from_env("cpu", timeout=datetime.timedelta(seconds=0.5))
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("variables", "words"),
+    [
+        ({"RANK": "one"}, "not integers"),
+        ({"RANK": "2"}, "RANK must be in"),
+        ({"MASTER_PORT": "70000"}, "MASTER_PORT a TCP port"),
+    ],
+)
+def test_bad_torchrun_variables_are_named(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], words: str
+) -> None:
+    _torchrun_variables(monkeypatch, world_size=2)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DistributedError, match=words):
+        D.init_from_env("cpu", timeout=datetime.timedelta(seconds=1))
+
+
+def _torchrun_variables(monkeypatch: pytest.MonkeyPatch, world_size: int) -> None:
+    """Rank 0 of ``world_size`` as a launcher without torchrun's store sets it: rank 0
+    serves the store on a free port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in [n for n in os.environ if n.startswith("TORCHELASTIC")]:
+        monkeypatch.delenv(name)
+    for name, value in dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE=str(world_size)
+    ).items():
+        monkeypatch.setenv(name, value)
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_two_ranks_resume_bit_identical_to_the_run_that_never_stopped(
+    suites: dict[str, list[dict[str, Any]]], suite_folder: Path
+) -> None:
+    """2 gloo ranks, a shuffled DataLoader sharded by autoaccum, token-weighted losses,
+    dropout, AdamW: stopped after 3 of 7 steps (in the suite's launch), resumed by new
+    processes from the checkpoint it left."""
+    resumed = suite_folder / "resumed"
+    shutil.copytree(suite_folder / "ckpt", resumed / "ckpt")
+    second = launch(("resume_second",), resumed)
+    for rank in range(WORLD):
+        straight = suites["resume_first"][rank]["straight"]
+        got = second[rank]["resume_second"]
+        assert got["losses"] == straight["losses"]
+        for p, q in zip(got["params"], straight["params"], strict=True):
             assert torch.equal(p, q)
 
 
@@ -393,4 +505,4 @@ def test_what_parts_the_ranks_stops_every_rank_with_what_happened(
     assert [kind for kind, _, _ in outs] == kinds
     distributed = [message for kind, message, _ in outs if kind == "DistributedError"]
     assert all(says in message for message in distributed), distributed
-    assert max(seconds for _, _, seconds in outs) < 15
+    assert max(seconds for _, _, seconds in outs) < TIMEOUT.total_seconds() / 2  # not waited out

@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import OOMAbove, bn_net, hide_package, mlp
+from launch import run
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.core.saving import load_hparams_from_yaml
 from lightning.pytorch.loggers import CSVLogger
@@ -35,16 +34,7 @@ from autoaccum.lightning import AutoAccum, equal_plan
 
 TOL = 1e-10
 WORKER = Path(__file__).parent / "lightning_ddp_worker.py"
-_LAUNCHER_VARS = (
-    "MASTER_",
-    "RANK",
-    "LOCAL_",
-    "WORLD_",
-    "NODE_RANK",
-    "GROUP_",
-    "TORCHELASTIC",
-    "PL_",
-)
+BOUND = 180.0  #: seconds for the 2-process DDP launch before it counts as a hang
 
 
 @pytest.fixture(autouse=True)
@@ -409,45 +399,14 @@ def test_manual_optimization_is_refused() -> None:
 # ------------------------------------------------------------------ DDP, 2 processes
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.distributed
 def test_ddp_ranks_agree_and_the_step_is_exact(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_VARS)}
-    env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        WORLD_SIZE="2",
-        NODE_RANK="0",
-    )
-    procs, logs = [], []
-    for rank in (0, 1):
-        logs.append(tmp_path / f"rank{rank}.log")
-        with logs[-1].open("w") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), str(tmp_path)],
-                    env={**env, "LOCAL_RANK": str(rank), "RANK": str(rank)},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    try:
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    shown = "\n".join(f"--- rank {r} ---\n{log.read_text()[-3000:]}" for r, log in enumerate(logs))
-    assert codes == [0, 0], shown
+    launch = run(WORKER, str(tmp_path), folder=tmp_path, bound=BOUND, nproc=2)
+    shown = launch.report()
     # no logging set up in the workers: the plan line shows by default, once, on rank 0 only
     plan_lines = [
-        [line for line in log.read_text().splitlines() if "target_batch" in line] for log in logs
+        [line for line in launch.rank_logs[r].splitlines() if "target_batch" in line]
+        for r in (0, 1)
     ]
     assert plan_lines[1] == [], shown
     assert plan_lines[0] == [

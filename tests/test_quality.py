@@ -28,6 +28,7 @@ def test_ruff_clean() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -38,6 +39,7 @@ def test_mypy_strict_clean(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -50,5 +52,5 @@ def test_nothing_runs_at_import() -> None:
         "import torch.distributed as d\n"
         "assert not (d.is_available() and d.is_initialized())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -77,8 +77,12 @@ def fit(
     ``(inputs, integer targets)``, the targets that are not ``-100``). ``optimizer=None``
     means AdamW over the model's parameters; ``scheduler`` steps once per optimizer step.
     Under ``torchrun`` (or an initialised process group) ``target_batch`` is the global
-    batch over all ranks and the model is wrapped in DistributedDataParallel. The model
-    trains in train mode and is handed back in the mode it came in.
+    batch over all ranks and the model is wrapped in DistributedDataParallel. A process
+    group ``fit`` creates from torchrun's variables is kept for the rest of the process and
+    destroyed when it exits, so that calling ``fit`` again (pre-training then fine-tuning, a
+    learning-rate sweep, train then evaluate) reuses it, as it would a group you initialised
+    yourself; its collectives keep the first call's ``timeout``. The model trains in train
+    mode and is handed back in the mode it came in.
 
     A run that still runs out of memory mid-training re-runs that window with a smaller
     micro-batch (nothing of it had reached the weights; in a multi-rank run every rank
@@ -108,7 +112,8 @@ def fit(
     limit = check_timeout(timeout)
     saved, said = resume_from(resume, callbacks) if resume is not None else (None, None)
     wanted = check_device(device) if device is not None else None  # before the model moves
-    created_group = D.init_from_env(wanted.type if wanted is not None else None, timeout=limit)
+    # kept for the process: a later fit reuses it (autoaccum.rendezvous)
+    D.init_from_env(wanted.type if wanted is not None else None, timeout=limit)
     acc: Accumulator | None = None
     try:
         info = D.current()
@@ -179,8 +184,6 @@ def fit(
     finally:
         if acc is not None:
             acc.close()
-        if created_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def _warn_batchnorm(acc: Accumulator) -> None:

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from helpers import OOM, OOMAbove
 from torch import nn
 
+import autoaccum
+
 WORLD = 2
+
+
+def out_dir() -> Path:
+    """The test's folder, where every rank saves what it saw (the worker's second argument)."""
+    return Path(sys.argv[2])
+
+
+def params(model: nn.Module) -> list[torch.Tensor]:
+    """Full (unsharded) parameters, in the order of the unwrapped module."""
+    out = []
+    for p in model.parameters():
+        full = getattr(p, "full_tensor", None)
+        out.append((full() if callable(full) else p).detach().clone())
+    return out
+
+
+def summary(result: autoaccum.FitResult) -> dict[str, Any]:
+    return {
+        "losses": list(result.losses),
+        "samples_seen": result.samples_seen,
+        "optimizer_steps": result.optimizer_steps,
+        "micro_sizes": result.plan.micro_sizes,
+        "world_size": result.plan.world_size,
+        "probe": result.probe.to_dict() if result.probe is not None else None,
+    }
 
 
 def bn_mlp(limit: int = 10**9, seed: int = 0) -> nn.Sequential:

@@ -1,15 +1,21 @@
-"""One rank of a 2-process gloo test: ``python worker.py SCENARIO RANK PORT OUTDIR``.
+"""One rank of a 2-process gloo test, launched by torchrun:
+``torchrun --standalone --nproc-per-node=2 worker.py SCENARIO[+SCENARIO…] OUTDIR``.
 
-Scenarios ending in ``_env`` leave the process group to ``autoaccum.fit`` (torchrun's
-variables are in the environment); the others initialise it here, with a short
-timeout, from the command line's rank and port. Each rank saves what the test
-asserts on to ``OUTDIR/rank{RANK}.pt``; any exception makes the process fail with
-its traceback on stderr, which the test shows.
+The scenarios run one after the other in this process. Those whose names end in ``_env``
+leave the process group to ``autoaccum.fit`` (torchrun's variables are in the environment);
+the others run in a group initialised here (torch's ``env://``, a ``TIMEOUT`` for its
+collectives), made before the first of them and destroyed before the first ``_env`` one.
+Each rank saves what the test asserts on to ``OUTDIR/rank{RANK}.pt``, and, when the process
+exits, whether a process group was still left then to ``OUTDIR/exit{RANK}.txt``. Any
+exception makes the process fail with its traceback on stderr, which the test shows.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -26,31 +32,12 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import DataLoader
 
 import autoaccum
-from autoaccum.errors import DistributedError, PlanError
+from autoaccum.errors import DistributedError
 from autoaccum.train.callbacks import Callback, Checkpoint, Evaluate, RunView
-from dist_workers.common import WORLD, Faults, bn_mlp, faulty_mlp
+from dist_workers import fit_group
+from dist_workers.common import WORLD, Faults, bn_mlp, faulty_mlp, out_dir, params, summary
 
-TIMEOUT = timedelta(seconds=30)
-
-
-def params(model: nn.Module) -> list[torch.Tensor]:
-    """Full (unsharded) parameters, in the order of the unwrapped module."""
-    out = []
-    for p in model.parameters():
-        full = getattr(p, "full_tensor", None)
-        out.append((full() if callable(full) else p).detach().clone())
-    return out
-
-
-def summary(result: autoaccum.FitResult) -> dict[str, Any]:
-    return {
-        "losses": list(result.losses),
-        "samples_seen": result.samples_seen,
-        "optimizer_steps": result.optimizer_steps,
-        "micro_sizes": result.plan.micro_sizes,
-        "world_size": result.plan.world_size,
-        "probe": result.probe.to_dict() if result.probe is not None else None,
-    }
+TIMEOUT = timedelta(seconds=60)  #: the collectives' in the group made here
 
 
 class WindowTracker:
@@ -76,18 +63,6 @@ class WindowTracker:
 
 
 # --------------------------------------------------------------------------- scenarios
-
-
-def samples_env(rank: int) -> dict[str, Any]:
-    """fit initialises the group from torchrun's variables and destroys it afterwards."""
-    assert not dist.is_initialized()
-    model = mlp()
-    result = fit_sgd(model, DataLoader(samples(26), batch_size=3), 10, loss_fn=ce, max_micro=2)
-    return {
-        **summary(result),
-        "params": params(model),
-        "group_left_behind": dist.is_initialized(),
-    }
 
 
 def tokens_(rank: int) -> dict[str, Any]:
@@ -132,14 +107,6 @@ def oom_on_rank0(rank: int) -> dict[str, Any]:
     bn = bn_mlp(limit=3 if rank == 0 else 10**9)
     bn_result = fit_sgd(bn, DataLoader(samples(32), batch_size=8), 16, loss_fn=ce)
     return {**summary(result), "params": params(model), "bn": summary(bn_result)}
-
-
-def plan_error_env(rank: int) -> dict[str, Any]:
-    try:
-        fit_sgd(mlp(), DataLoader(samples(8), batch_size=4), 15, loss_fn=ce)
-    except PlanError as err:
-        return {"error": str(err), "group_left_behind": dist.is_initialized()}
-    raise AssertionError("fit accepted target_batch=15 on 2 ranks")
 
 
 def fsdp2(rank: int) -> dict[str, Any]:
@@ -258,8 +225,6 @@ class OOMInStep(torch.optim.SGD):
 
 def failures(rank: int) -> dict[str, Any]:
     """One rank fails where the others cannot recover it: every rank stops, none waits."""
-    import time
-
     out: dict[str, Any] = {}
     model = mlp()
     optimizer = OOMInStep(model.parameters(), fail_at=2 if rank == 1 else None)
@@ -294,31 +259,6 @@ def failures(rank: int) -> dict[str, Any]:
     return out
 
 
-def failure_env(rank: int) -> dict[str, Any]:
-    """fit creates the group itself (no supervisor kills the other rank): one rank's error
-    must end both runs promptly, and leave no group behind."""
-    import time
-
-    calls = [0]
-
-    def loss(model: nn.Module, batch: Any) -> Any:
-        calls[0] += 1
-        if rank == 1 and calls[0] == 3:
-            raise RuntimeError("a bug in the loss")
-        return ce(model, batch)
-
-    start = time.monotonic()
-    try:
-        fit_sgd(mlp(), DataLoader(samples(48), batch_size=8), 16, loss_fn=loss, max_micro=4)
-    except Exception as exc:
-        elapsed = time.monotonic() - start
-        return {
-            "error": (type(exc).__name__, str(exc), elapsed),
-            "group_left_behind": dist.is_initialized(),
-        }
-    raise AssertionError("fit went on after a rank failed")
-
-
 class FailOnRank1(Callback):
     """A user's callback that raises on rank 1 at step 2 (rank 0 carries on)."""
 
@@ -338,7 +278,7 @@ class SaveOnRank0(Callback):
 
     def on_step(self, run: RunView) -> None:
         if self.rank == 0:
-            run.save_checkpoint(OUT / "rank0-only")
+            run.save_checkpoint(out_dir() / "rank0-only")
 
 
 def callback_faults(rank: int) -> dict[str, Any]:
@@ -354,7 +294,7 @@ def callback_faults(rank: int) -> dict[str, Any]:
     loader = DataLoader(samples(40), batch_size=4)
     cases: dict[str, dict[str, Any]] = {
         "fault_then_checkpoint": {
-            "callbacks": [FailOnRank1(rank), Checkpoint(OUT / f"ckpt-{rank}", every=1)]
+            "callbacks": [FailOnRank1(rank), Checkpoint(out_dir() / f"ckpt-{rank}", every=1)]
         },
         "fault_then_evaluate": {"callbacks": [FailOnRank1(rank), Evaluate(loader, every=1)]},
         "fault_in_evaluation": {
@@ -384,9 +324,6 @@ def callback_faults(rank: int) -> dict[str, Any]:
     return out
 
 
-OUT = Path(".")  #: the test's folder (set by main): where shared files go
-
-
 def _resume_job(steps: int, **kwargs: Any) -> dict[str, Any]:
     """The single-process resume test's job, on this rank's share: 40 samples, no loader
     workers, no scheduler."""
@@ -401,55 +338,58 @@ def resume_first(rank: int) -> dict[str, Any]:
     from autoaccum.train.callbacks import Checkpoint
 
     straight = _resume_job(7)
-    _resume_job(3, callbacks=[Checkpoint(OUT / "ckpt", every=3)])
+    _resume_job(3, callbacks=[Checkpoint(out_dir() / "ckpt", every=3)])
     return {"straight": straight}
 
 
 def resume_second(rank: int) -> dict[str, Any]:
     """New processes resume the stopped run to 7 steps."""
-    return _resume_job(7, resume=OUT / "ckpt")
+    return _resume_job(7, resume=out_dir() / "ckpt")
 
 
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
-    "samples_env": samples_env,
+    "samples_env": fit_group.samples_env,
     "tokens": tokens_,
     "comm_hook": comm_hook,
     "oom_on_rank0": oom_on_rank0,
-    "plan_error_env": plan_error_env,
+    "plan_error_env": fit_group.plan_error_env,
     "fsdp2": fsdp2,
     "rank_local": rank_local,
     "oom_recovery": oom_recovery,
     "failures": failures,
-    "failure_env": failure_env,
     "callback_faults": callback_faults,
+    "failure_env": fit_group.failure_env,
+    "more_fits_env": fit_group.more_fits_env,
+    "rejoin_env": fit_group.rejoin_env,
+    "init_failure_env": fit_group.init_failure_env,
+    "missing_rank_env": fit_group.missing_rank_env,
     "resume_first": resume_first,
     "resume_second": resume_second,
 }
 
 
 def main() -> None:
-    global OUT
-    scenario, rank, port, outdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-    OUT = outdir
+    names = sys.argv[1].split("+")
+    rank = int(os.environ["RANK"])
+    atexit.register(_record_exit, rank)  # registered first, so it runs after fit's own
     torch.set_num_threads(1)
-    own_group = not scenario.split("+")[0].endswith("_env")
-    if own_group:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=TIMEOUT,
-        )
-    try:
-        names = scenario.split("+")  # several scenarios, one after the other
-        out = (
-            SCENARIOS[names[0]](rank) if len(names) == 1 else {n: SCENARIOS[n](rank) for n in names}
-        )
-    finally:
-        if own_group:
+    out, own_group = {}, False
+    for name in names:
+        if name.endswith("_env") and own_group:
             dist.destroy_process_group()
-    torch.save(out, outdir / f"rank{rank}.pt")
+            own_group = False
+        elif not name.endswith("_env") and not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=TIMEOUT)  # env://, torchrun's variables
+            own_group = True
+        out[name] = SCENARIOS[name](rank)
+    if own_group:
+        dist.destroy_process_group()
+    torch.save(out, out_dir() / f"rank{rank}.pt")
+
+
+def _record_exit(rank: int) -> None:
+    """Whether a process group was still left once every other exit handler had run."""
+    (out_dir() / f"exit{rank}.txt").write_text(str(dist.is_initialized()))
 
 
 if __name__ == "__main__":
