@@ -40,7 +40,7 @@ from torch import nn
 from autoaccum import distributed as D
 from autoaccum.errors import ConfigError, MissingExtraError, check_callable, check_count
 from autoaccum.memory.peaks import DEFAULT_MARGIN, check_margin
-from autoaccum.plan import Plan, compare_with_fit, equal_plan, make_plan
+from autoaccum.plan import Plan, check_target, compare_with_fit, equal_plan
 from autoaccum.probing.trials import probe
 from autoaccum.step.model import check_model, min_micro, model_device
 from autoaccum.step.ranks import Ranks
@@ -116,7 +116,7 @@ def plan_trainer_args(
     _check(model, args, data_collator, optimizer)
     check_count("target_batch", target_batch)
     world = args.world_size
-    make_plan(target_batch, target_batch, world)  # divisible among the ranks? before any work
+    check_target(target_batch, world, equal=True)  # divisible among the ranks? before any work
     check_margin(margin)
     ceiling = None if max_micro is None else check_count("max_micro", max_micro)
     if ceiling is None:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from autoaccum import distributed as D
 from autoaccum.errors import BatchError, ConfigError, MissingExtraError, check_count
 from autoaccum.memory.peaks import DEFAULT_MARGIN, check_margin
-from autoaccum.plan import Plan, compare_with_fit, equal_plan, make_plan
+from autoaccum.plan import Plan, check_target, compare_with_fit, equal_plan
 from autoaccum.probing.trials import probe
 from autoaccum.results import ProbeResult
 from autoaccum.step.batches import batch_size
@@ -138,7 +138,7 @@ class AutoAccum(pl.Callback):  # type: ignore[misc]
                 f"AutoAccum probes on one device or under DDP, not under "
                 f"{type(strategy).__name__}; pass AutoAccum(..., max_micro=N) to skip the probe"
             )
-        make_plan(self.target_batch, self.target_batch, trainer.world_size)  # divisible?
+        check_target(self.target_batch, trainer.world_size, equal=True)  # divisible?
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loop = trainer.fit_loop

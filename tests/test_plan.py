@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autoaccum import ConfigError, PlanError, make_plan
-from autoaccum.plan import even_split
+from autoaccum.plan import equal_plan, even_split
 
 
 @pytest.mark.parametrize(
@@ -43,22 +43,33 @@ def test_exact_plans(target: int, max_micro: int, world: int, sizes: tuple[int, 
     world=st.sampled_from([1, 2, 3, 4, 8]),
 )
 def test_plan_is_always_exact(target: int, max_micro: int, world: int) -> None:
-    if target % world:
-        with pytest.raises(PlanError):
+    """Every rank's share, split its way, adds up to the target (no sample repeated, none
+    left out); shares differ by at most one sample; splits are as even as they go."""
+    if target < world:  # a rank would hold no sample of a window
+        with pytest.raises(PlanError, match="leaves a rank no sample"):
             make_plan(target, max_micro, world)
         return
-    plan = make_plan(target, max_micro, world)
-    assert sum(plan.micro_sizes) * world == target
-    assert max(plan.micro_sizes) <= max_micro
-    assert max(plan.micro_sizes) - min(plan.micro_sizes) <= 1
-    # no fewer micro-steps are possible at this max_micro
-    assert (plan.accum_iter - 1) * max_micro < target // world
+    plans = [make_plan(target, max_micro, world, rank=r) for r in range(world)]
+    assert sum(sum(p.micro_sizes) for p in plans) == target
+    assert max(p.per_rank for p in plans) - min(p.per_rank for p in plans) <= 1
+    for plan in plans:
+        assert sum(plan.micro_sizes) == plan.per_rank
+        assert max(plan.micro_sizes) <= max_micro
+        assert max(plan.micro_sizes) - min(plan.micro_sizes) <= 1
+        # no fewer micro-steps are possible at this max_micro
+        assert (plan.accum_iter - 1) * max_micro < plan.per_rank
 
 
-def test_not_divisible_names_valid_targets() -> None:
+def test_a_target_that_does_not_divide_is_shared_unevenly() -> None:
+    """256 on 3 ranks: 86, 85, 85 (no rank repeats a sample to even them out); loops that need
+    equal shares (Lightning, the Trainer) still ask for a multiple, naming the nearest."""
+    assert [make_plan(256, 100, 3, rank=r).micro_sizes for r in range(3)] == [(86,), (85,), (85,)]
+    assert make_plan(256, 40, 3).describe() == (
+        "target_batch 256 = rank 0: 29+29+28, rank 1: 29+28+28, rank 2: 29+28+28"
+    )
     with pytest.raises(PlanError, match=r"target_batch=255 or 258 \(a multiple of 3\)"):
-        make_plan(256, 100, 3)
-    with pytest.raises(PlanError, match="target_batch=8"):
+        equal_plan(256, 100, 3)
+    with pytest.raises(PlanError, match="target_batch ≥ 8"):
         make_plan(5, 2, 8)
 
 

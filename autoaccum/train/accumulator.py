@@ -17,7 +17,7 @@ import dataclasses
 import datetime
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Any, Generic, TypeVar, cast, overload
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,32 +48,12 @@ from autoaccum.train.data import WindowSource, as_source
 from autoaccum.train.data.agreed import epoch_windows, warn_larger_than_data
 from autoaccum.train.data.cut import Window
 from autoaccum.train.data.heaviest import SizeFn
+from autoaccum.train.delegate import Delegated
 from autoaccum.train.resize import Resizer
 from autoaccum.train.weights import Micro, StepOutcome
 from autoaccum.train.window import TrainWindow, WindowTrainer
 
 __all__ = ["Accumulator"]
-
-T = TypeVar("T")
-
-
-class _OfTrainer(Generic[T]):
-    """An attribute of the accumulator that lives on its window trainer (one home for it)."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, obj: None, owner: type) -> _OfTrainer[T]: ...
-
-    @overload
-    def __get__(self, obj: Accumulator, owner: type) -> T: ...
-
-    def __get__(self, obj: Accumulator | None, owner: type) -> T | _OfTrainer[T]:
-        return self if obj is None else cast(T, getattr(obj.trainer, self.name))
-
-    def __set__(self, obj: Accumulator, value: T) -> None:
-        setattr(obj.trainer, self.name, value)
 
 
 class Accumulator:
@@ -180,19 +160,21 @@ class Accumulator:
         self._warned_small = False
 
     # what a window needs lives on its trainer, once; these are views of it
-    module = _OfTrainer[nn.Module]()
-    model = _OfTrainer[nn.Module]()
-    optimizer = _OfTrainer[torch.optim.Optimizer]()
-    scheduler = _OfTrainer[Any]()
-    scaler = _OfTrainer[torch.amp.GradScaler]()
-    loss_fn = _OfTrainer[LossFn]()
-    count_fn = _OfTrainer[CountFn]()
-    device = _OfTrainer[torch.device]()
-    precision = _OfTrainer[str]()
-    max_grad_norm = _OfTrainer["float | None"]()
-    sync = _OfTrainer[str]()
-    resizer = _OfTrainer[Resizer]()  #: the micro-batch's changes in :meth:`train_window`
-    steps = _OfTrainer[int]()  #: optimizer steps taken or attempted (windows stepped so far)
+    module = Delegated[nn.Module]("trainer")
+    model = Delegated[nn.Module]("trainer")
+    optimizer = Delegated[torch.optim.Optimizer]("trainer")
+    scheduler = Delegated[Any]("trainer")
+    scaler = Delegated[torch.amp.GradScaler]("trainer")
+    loss_fn = Delegated[LossFn]("trainer")
+    count_fn = Delegated[CountFn]("trainer")
+    device = Delegated[torch.device]("trainer")
+    precision = Delegated[str]("trainer")
+    max_grad_norm = Delegated["float | None"]("trainer")
+    sync = Delegated[str]("trainer")
+    resizer = Delegated[Resizer]("trainer")  #: the micro-batch's changes in :meth:`train_window`
+    steps = Delegated[int](
+        "trainer"
+    )  #: optimizer steps taken or attempted (windows stepped so far)
 
     @property
     def forward_model(self) -> nn.Module:

@@ -48,8 +48,7 @@ __all__ = ["TrainWindow", "WindowTrainer"]
 
 class TrainWindow:
     """A window of data bound to the trainer that runs it; iterating it opens it (exchange 1)
-    and yields its :class:`~autoaccum.train.weights.Micro` s, each weighted before the first
-    backward."""
+    and yields its :class:`~autoaccum.train.weights.Micro` s, weighted before any backward."""
 
     def __init__(self, trainer: WindowTrainer, data: Window) -> None:
         self.trainer = trainer
@@ -77,8 +76,7 @@ class TrainWindow:
         self._origin._applied = value
 
     def recut(self, micro_batches: Sequence[Any]) -> TrainWindow:
-        """This window with its samples cut into other micro-batches (itself when unchanged);
-        applying either applies both."""
+        """This window cut into other micro-batches (itself when unchanged); one fate."""
         if list(micro_batches) == list(self.data.micro_batches):
             return self
         data = dataclasses.replace(self.data, micro_batches=tuple(micro_batches))
@@ -245,7 +243,7 @@ class WindowTrainer:
             if agreed.oom:
                 return self._drop_after_oom(agreed.oom, reading, here)
         state = self._open[2] if self._open is not None else None
-        for _ in range((state.most_steps if state else 0) - len(window)):  # fewer: wait
+        for _ in range(state.most_steps - state.micros if state else 0):  # fewer: wait
             agreed = self.ranks.agree("a micro-step", where=where)
             if agreed.oom:
                 return self._drop_after_oom(agreed.oom, None, where)

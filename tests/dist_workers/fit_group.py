@@ -48,11 +48,13 @@ def samples_env(rank: int) -> dict[str, Any]:
 
 
 def plan_error_env(rank: int) -> dict[str, Any]:
+    """A target too small for 2 ranks (one would hold no sample of a window): a PlanError on
+    every rank, before any work (a target that does not divide, 15, is fine: 8 + 7)."""
     try:
-        fit_sgd(mlp(), DataLoader(samples(8), batch_size=4), 15, loss_fn=ce)
+        fit_sgd(mlp(), DataLoader(samples(8), batch_size=4), 1, loss_fn=ce)
     except PlanError as err:
         return {"error": str(err), "same_group": dist.group.WORLD is FIT_GROUP[0]}
-    raise AssertionError("fit accepted target_batch=15 on 2 ranks")
+    raise AssertionError("fit accepted target_batch=1 on 2 ranks")
 
 
 def failure_env(rank: int) -> dict[str, Any]:

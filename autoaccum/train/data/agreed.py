@@ -36,8 +36,8 @@ def epoch_windows(
         dropped(window)
         if source.rank_local and not _all_have(ranks, len(window.micro_batches)):
             return
-        if window.micro_batches or not source.rank_local:  # a shared window: every rank
-            yield window
+        if window.micro_batches or (window.anywhere and not source.rank_local):
+            yield window  # a shared window some rank trains: every rank takes part
     if source.rank_local:
         _all_have(ranks, 0)  # tell the ranks still holding data to stop
 

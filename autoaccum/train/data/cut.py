@@ -29,6 +29,8 @@ class Window:
     dropped_because: str = ""
     """Why: the loader's ``drop_last=True``, or a tail too small for any micro-batch (one
     sample on a BatchNorm model)."""
+    anywhere: bool = True
+    """Some rank trains a sample of this window (False: every rank's share was dropped)."""
 
 
 def measure(batch: Any, index: int) -> int:

@@ -260,23 +260,25 @@ class LoaderWindows:
         if epoch == 0 and not order:
             raise self._empty_error()
         micro_lists: list[list[Any]] = []
-        layout: list[tuple[int, tuple[int, ...], int, str]] = []
+        layout: list[tuple[int, tuple[int, ...], int, str, bool]] = []
         size = plan.target_batch if self.global_order else plan.per_rank
         for index, start in enumerate(range(0, len(order), size)):
             window = order[start : start + size]
+            anywhere = True  # some rank trains a sample of it
             if len(window) < size and self.loader.drop_last:
                 sizes: tuple[int, ...] = ()
-                why = "the DataLoader has drop_last=True"
+                why, anywhere = "the DataLoader has drop_last=True", False
             else:
                 if self.global_order:  # this rank's share of the global window
                     counts = shares(len(window), self.world_size)
                     first = sum(counts[: self.rank])
                     window = window[first : first + counts[self.rank]]
+                    anywhere = counts[0] >= plan.min_micro  # rank 0's share is the largest
                 sizes = plan.window_sizes(len(window))
                 why = too_small(plan.min_micro)
             if index < skip:
                 continue
-            layout.append((index, sizes, len(window) - sum(sizes), why))
+            layout.append((index, sizes, len(window) - sum(sizes), why, anywhere))
             offset = 0
             for size_ in sizes:
                 micro_lists.append(window[offset : offset + size_])
@@ -307,15 +309,16 @@ class LoaderWindows:
         self,
         replay: torch.Generator | None,
         micro_lists: list[list[Any]],
-        layout: list[tuple[int, tuple[int, ...], int, str]],
+        layout: list[tuple[int, tuple[int, ...], int, str, bool]],
         epoch: int,
     ) -> Iterator[Window]:
         inner = self._inner_loader(replay)
         self._micro_lists.lists = micro_lists  # replaced, never mutated: old epochs keep theirs
         batches = iter(inner)
-        for index, sizes, dropped, why in layout:
+        for index, sizes, dropped, why, anywhere in layout:
             micro_batches = tuple(next(batches) for _ in sizes)
-            yield Window(epoch, index, micro_batches, sum(sizes), dropped, why if dropped else "")
+            why = why if dropped else ""
+            yield Window(epoch, index, micro_batches, sum(sizes), dropped, why, anywhere)
 
     def _empty_error(self) -> BatchError:
         try:
