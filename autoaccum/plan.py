@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from autoaccum.errors import PlanError, check_count
 
 __all__ = [
     "Plan",
+    "Plans",
     "check_target",
     "compare_with_fit",
     "equal_plan",
     "even_split",
     "make_plan",
+    "plans_of",
     "shares",
 ]
 
@@ -140,6 +143,17 @@ def _sizes(micro_sizes: tuple[int, ...]) -> str:
     if len(set(micro_sizes)) == 1:
         return f"{micro_sizes[0]} × {len(micro_sizes)}"
     return "+".join(str(s) for s in micro_sizes) if micro_sizes else "nothing"
+
+
+#: Window k's plan, window by window (a target that changes along the run has one per size).
+Plans = Callable[[int], Plan]
+
+
+def plans_of(plans: Plan | Plans) -> Plans:
+    """``plans`` as window k → its plan (one plan for every window, or a function)."""
+    if isinstance(plans, Plan):
+        return lambda index: plans
+    return plans
 
 
 def _nearest(value: int, ok: list[int]) -> str:

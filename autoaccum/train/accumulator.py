@@ -29,6 +29,7 @@ from autoaccum.plan import Plan, check_target, make_plan, shares
 from autoaccum.probing.fastest import check_choose
 from autoaccum.probing.trials import probe
 from autoaccum.results import ProbeResult
+from autoaccum.schedule import Schedule, as_schedule, fingerprint, largest
 from autoaccum.step.counting import resolve_loss
 from autoaccum.step.losses import CountFn, LossFn
 from autoaccum.step.model import (
@@ -88,7 +89,7 @@ class Accumulator:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        target_batch: int,
+        target_batch: int | Schedule,
         loss_fn: LossFn | None = None,
         count_fn: CountFn | None = None,
         scheduler: Any = None,
@@ -106,9 +107,8 @@ class Accumulator:
         self.ranks = Ranks(self.dist, check_timeout(timeout) if timeout is not None else None)
         try:  # nothing here talks to the other ranks: a rank that fails tells them below
             module = check_model(model)
-            self.target_batch = check_target(
-                target_batch, self.dist.world_size, min_micro=min_micro(module)
-            )
+            self.schedule = as_schedule(target_batch)
+            check_target(self.schedule(0), self.dist.world_size, min_micro=min_micro(module))
             grad_norm = (
                 check_positive("max_grad_norm", max_grad_norm)
                 if max_grad_norm is not None
@@ -125,7 +125,8 @@ class Accumulator:
             )
             D.check_sync(sync)
             # every rank: the same target and settings, or every rank stops (below, on all)
-            settings = dict(target_batch=target_batch, precision=prec, sync=sync, choose=choose)
+            first = fingerprint(self.schedule)  # a schedule's first targets: alike on every rank
+            settings = dict(target_batch=first, precision=prec, sync=sync, choose=choose)
         except Exception as exc:
             self.ranks.give_up(exc, "setting up the accumulator")
             self.close()
@@ -187,20 +188,39 @@ class Accumulator:
         return min_micro(self.module)
 
     @property
+    def target_batch(self) -> int:
+        """The target of the next optimizer step (the schedule's, where one was given)."""
+        return self.schedule(self.steps)
+
+    @property
     def share(self) -> int:
-        """This rank's samples of a full window (ranks may hold one more or less)."""
-        return shares(self.target_batch, self.dist.world_size)[self.dist.rank]
+        """This rank's samples of a full window of the largest target (ranks may hold one
+        more or less): no micro-batch needs to hold more."""
+        return shares(largest(self.schedule), self.dist.world_size)[self.dist.rank]
+
+    def plan_for(self, target: int) -> Plan:
+        """The plan for a window of ``target`` samples under the micro-batch ceiling now."""
+        ceiling = self.resizer.current
+        assert ceiling is not None  # planned: replan() set it
+        check_target(target, self.dist.world_size, min_micro=self.min_micro)
+        world, rank = self.dist.world_size, self.dist.rank
+        share = shares(target, world)[rank]
+        plan = make_plan(target, min(ceiling, share), world, min_micro=self.min_micro, rank=rank)
+        if self.plan is not None and plan.micro_sizes == self.plan.micro_sizes:
+            return dataclasses.replace(plan, rank_sizes=self.plan.rank_sizes)
+        return plan
 
     def replan(self, max_micro: int) -> Plan:
         """Plan with micro-batches of at most ``max_micro`` samples on this rank (no probe);
         every rank calls it, each with its own ceiling if it likes (they learn each other's
         split, :attr:`Plan.rank_sizes <autoaccum.plan.Plan.rank_sizes>`)."""
         check_count("max_micro", max_micro)
-        world, rank, ceiling = self.dist.world_size, self.dist.rank, min(max_micro, self.share)
-        plan = make_plan(self.target_batch, ceiling, world, min_micro=self.min_micro, rank=rank)
+        ceiling = min(max_micro, self.share)
+        self.resizer.current = ceiling
         if self.resizer.ceiling is None:
-            self.resizer.ceiling = plan.max_micro
-        self.plan = self.with_rank_sizes(plan)
+            self.resizer.ceiling = ceiling
+        self.plan = None
+        self.plan = self.with_rank_sizes(self.plan_for(self.target_batch))
         return self.plan
 
     def with_rank_sizes(self, plan: Plan) -> Plan:
@@ -278,15 +298,21 @@ class Accumulator:
         if not self._warned_small:
             self._warned_small = True
             warn_larger_than_data(source, self.plan, self.dist.world_size)
+        first = self.steps - skip  # window k of this epoch is optimizer step first + k
         for window in epoch_windows(
             source,
-            self.plan,
+            lambda k: self.plan_for(self.schedule(first + k)),
             epoch,
             ranks=self.ranks,
             skip=skip,
             dropped=self._dropped,
         ):
             yield TrainWindow(self.trainer, window)
+
+    def epoch_windows(self, source: WindowSource, first: int) -> int | None:
+        """How many windows an epoch of ``source`` holds when its first is optimizer step
+        ``first`` (a schedule's targets differ along the run); None when not knowable."""
+        return source.num_windows(lambda k: self.plan_for(self.schedule(first + k)))
 
     def _dropped(self, window: Window) -> None:
         if not window.dropped:
@@ -316,8 +342,9 @@ class Accumulator:
         """All of ``window``'s micro-steps and its optimizer step, surviving out-of-memory
         errors (the window re-run smaller on every rank; the smaller plan kept, grown back
         after a run of clean windows); ``fit`` runs this."""
-        assert self.plan is not None  # a TrainWindow comes from windows(), which plans
-        outcome, self.plan = self.trainer.train(window, self.plan)
+        target = window.data.target or self.target_batch
+        plan = self.plan_for(target)
+        outcome, self.plan = self.trainer.train(window, plan)
         return outcome
 
     # ------------------------------------------------------------------ state
@@ -334,9 +361,8 @@ class Accumulator:
         loaded, on a mismatch; another world size only with ``any_world``); True when the plan
         came back with it (:func:`~autoaccum.train.loop_state.put`)."""
         world, rank = self.dist.world_size, self.dist.rank
-        restored = loop_state.put(
-            self.trainer, saved, self.target_batch, world, rank, any_world=any_world
-        )
+        target = self.schedule(saved.position.steps)  # the target where it stopped
+        restored = loop_state.put(self.trainer, saved, target, world, rank, any_world=any_world)
         if restored is not None:
             self.plan, self.probe_result = restored
         return restored is not None

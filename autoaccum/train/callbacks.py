@@ -58,6 +58,7 @@ class StepState:
     micro_sizes: tuple[int, ...]  #: the plan in force (per rank)
     seconds: float  #: since the run started
     rank: int
+    target: int = 0  #: the step's target: samples over all ranks (a schedule's value)
 
     @property
     def tokens_seen(self) -> float:

@@ -82,6 +82,7 @@ class ResizerState:
     """:meth:`autoaccum.train.resize.Resizer.state_dict`, checked."""
 
     ceiling: int | None
+    current: int | None
     grow_after: int
     resizes: tuple[Resize, ...]
     oom_retries: int
@@ -307,9 +308,10 @@ def check_compatible(
     where = saved.path or "the checkpoint"
     if saved.target_batch != target_batch:
         raise ConfigError(
-            f"{where} was taken with target_batch={saved.target_batch}, this run asks for "
-            f"{target_batch}: the windows it counted would not be this run's. Resume with "
-            f"target_batch={saved.target_batch}, or start a new run without resume="
+            f"{where} was taken with target_batch={saved.target_batch} at step "
+            f"{saved.position.steps}, where this run's target is {target_batch}: the windows "
+            f"it counted would not be this run's. Resume with the target (or schedule) it was "
+            "taken with, or start a new run without resume="
         )
     if saved.world_size != world_size and not any_world:
         raise ConfigError(

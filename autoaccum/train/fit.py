@@ -25,6 +25,7 @@ from autoaccum.memory.explain import explain
 from autoaccum.memory.footprint import footprint
 from autoaccum.memory.peaks import DEFAULT_MARGIN, check_margin
 from autoaccum.results import FitResult
+from autoaccum.schedule import Schedule, as_schedule
 from autoaccum.step.losses import CountFn, LossFn
 from autoaccum.step.model import check_model, has_batchnorm, train_mode
 from autoaccum.train.accumulator import Accumulator
@@ -38,7 +39,7 @@ __all__ = ["fit"]
 def fit(
     model: nn.Module,
     loader: Iterable[Any],
-    target_batch: int = 256,
+    target_batch: int | Schedule = 256,
     *,
     loss_fn: LossFn | None = None,
     count_fn: CountFn | None = None,
@@ -102,7 +103,7 @@ def fit(
     """
     started = time.perf_counter()
     check_model(model)
-    check_count("target_batch", target_batch)
+    as_schedule(target_batch)  # a number, checked now; a schedule, at every step
     check_count("epochs", epochs)
     if max_steps is not None:
         check_count("max_steps", max_steps)
@@ -218,9 +219,12 @@ def _total_steps(
     source: WindowSource, acc: Accumulator, epochs: int, max_steps: int | None
 ) -> int | None:
     """Optimizer steps the run will take, where knowable (for the bar's total)."""
-    assert acc.plan is not None
-    per_epoch = source.num_windows(acc.plan)
-    total = per_epoch * epochs if per_epoch is not None else None
+    total: int | None = acc.steps
+    for _ in range(epochs):
+        windows = acc.epoch_windows(source, total) if total is not None else None
+        total = total + windows if total is not None and windows is not None else None
+        if total is None or (max_steps is not None and total >= max_steps):
+            break
     if max_steps is not None:
         total = min(total, max_steps) if total is not None else max_steps
     return total

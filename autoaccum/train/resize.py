@@ -78,6 +78,9 @@ class Resizer:
 
     def __init__(self, ceiling: int | None = None, *, grow_after: int = GROW_AFTER) -> None:
         self.ceiling = ceiling
+        #: the micro-batch ceiling now: the first, less what out-of-memory errors took, plus
+        #: what clean windows gave back (windows of a smaller target use less of it)
+        self.current = ceiling
         #: what the probe measured: the device's limit and each sample's bytes (None: unknown)
         self.limit_bytes: float | None = None
         self.per_sample: float | None = None
@@ -149,23 +152,26 @@ class Resizer:
         )
         self._record(step, window, old, new.micro_batch, "oom")
         self.oom_retries += 1
+        self.current = new.micro_batch
         return new
 
     def after_window(self, plan: Plan, window: Window, step: int) -> Plan:
         """The plan for the windows after a clean one: grown back after ``grow_after`` clean
         windows in a row, toward the ceiling, never to a size that failed twice."""
         self.clean += 1
-        if self.ceiling is None or self.clean < self.grow_after or plan.max_micro >= self.ceiling:
+        now, ceiling = self.current, self.ceiling
+        if now is None or ceiling is None or self.clean < self.grow_after or now >= ceiling:
             return plan
         self.clean = 0
-        target = min(self.ceiling, plan.max_micro + max(1, math.ceil(SHRINK * plan.max_micro)))
+        target = min(ceiling, now + max(1, math.ceil(SHRINK * now)))
         refused = [size for size, n in self.failures.items() if n >= 2]
         if refused:
             target = min(target, min(refused) - 1)
-        if target <= plan.max_micro:
+        if target <= now:
             return plan
+        self.current = target  # memory given back, whether this window's share can use it
         try:
-            new = plan.under(target)
+            new = plan.under(min(target, plan.per_rank))
         except PlanError:
             return plan
         if new.micro_batch <= plan.micro_batch:
@@ -184,6 +190,7 @@ class Resizer:
         """What a checkpoint keeps of the changes and the rule's memory, as plain data."""
         return {
             "ceiling": self.ceiling,
+            "current": self.current,
             "grow_after": self.grow_after,
             "resizes": [r.to_dict() for r in self.resizes],
             "oom_retries": self.oom_retries,
@@ -194,6 +201,7 @@ class Resizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put back a :meth:`state_dict` (its resizes as dicts or :class:`Resize`)."""
         self.ceiling = state["ceiling"]
+        self.current = state["current"]
         self.grow_after = state["grow_after"]
         self.resizes = [r if isinstance(r, Resize) else Resize(**r) for r in state["resizes"]]
         self.oom_retries = state["oom_retries"]

@@ -87,6 +87,7 @@ class Run:
             micro_sizes=self.plan.micro_sizes,
             seconds=time.perf_counter() - self._started,
             rank=self.acc.dist.rank,
+            target=self.plan.target_batch,
         )
 
     def stop(self, reason: str = "a callback asked") -> None:
@@ -236,6 +237,7 @@ class Run:
             now.restore()
             self._resumed = None
         trained = 0
+        first = self.position.steps - skip  # the optimizer step of this epoch's window 0
         windows = acc.windows(self.source, epoch, skip=skip)
         for window in windows:
             changes = len(acc.resizer.resizes)
@@ -262,15 +264,9 @@ class Run:
             if asked.stop:
                 self.stopped = self._stop_asked or "a callback on another rank asked"
             if self._done():
-                return trained, self._was_last(window.index)
+                count = acc.epoch_windows(self.source, first)  # not reading the data ahead
+                return trained, count is not None and window.index + 1 >= count
         return trained, True
-
-    def _was_last(self, index: int) -> bool:
-        """Whether window ``index`` was its epoch's last, known without reading the data
-        ahead; where the epoch's length is unknown, it was not taken to be."""
-        assert self.acc.plan is not None  # a run trains a planned accumulator
-        count = self.source.num_windows(self.acc.plan)
-        return count is not None and index + 1 >= count
 
     def _move(self, **changes: Any) -> None:
         self.position = ckpt.Position(**{**vars(self.position), **changes})

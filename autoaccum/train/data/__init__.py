@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from torch.utils.data import DataLoader, IterableDataset
 
 from autoaccum.errors import BatchError, ConfigError, check_count
-from autoaccum.plan import Plan
+from autoaccum.plan import Plan, Plans
 from autoaccum.step.ranks import Ranks
 from autoaccum.train.data.cut import Window
 from autoaccum.train.data.iterable import IterableWindows
@@ -41,7 +41,7 @@ class WindowSource(Protocol):
         """The length of the dataset every rank shares (None: rank-local or unknown)."""
         ...
 
-    def num_windows(self, plan: Plan) -> int | None: ...
+    def num_windows(self, plans: Plan | Plans) -> int | None: ...
 
     def sample_batch(self, size: int) -> Any: ...
 
@@ -49,7 +49,7 @@ class WindowSource(Protocol):
         """The batch to probe with, and what it is, in words."""
         ...
 
-    def windows(self, plan: Plan, epoch: int, *, skip: int = 0) -> Iterator[Window]: ...
+    def windows(self, plans: Plan | Plans, epoch: int, *, skip: int = 0) -> Iterator[Window]: ...
 
     def epoch_state(self, epoch: int) -> object | None:
         """What an exact resume needs to draw ``epoch``'s order again."""

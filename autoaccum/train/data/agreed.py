@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from autoaccum.errors import DistributedError
-from autoaccum.plan import Plan
+from autoaccum.plan import Plan, Plans
 from autoaccum.step.ranks import Ranks
 from autoaccum.train.data import WindowSource
 from autoaccum.train.data.cut import Window
@@ -18,7 +18,7 @@ __all__ = ["epoch_windows", "warn_larger_than_data"]
 
 def epoch_windows(
     source: WindowSource,
-    plan: Plan,
+    plans: Plan | Plans,
     epoch: int,
     *,
     ranks: Ranks,
@@ -32,7 +32,7 @@ def epoch_windows(
     the epoch ends on every rank when the first runs out.
     """
     _start_epoch(source, ranks)
-    for window in ranks.iterate(source.windows(plan, epoch, skip=skip)):
+    for window in ranks.iterate(source.windows(plans, epoch, skip=skip)):
         dropped(window)
         if source.rank_local and not _all_have(ranks, len(window.micro_batches)):
             return

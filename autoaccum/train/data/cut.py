@@ -31,6 +31,8 @@ class Window:
     sample on a BatchNorm model)."""
     anywhere: bool = True
     """Some rank trains a sample of this window (False: every rank's share was dropped)."""
+    target: int = 0
+    """The window's target (samples over all ranks) as its plan gave it (0: not told)."""
 
 
 def measure(batch: Any, index: int) -> int:

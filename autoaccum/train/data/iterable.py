@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from autoaccum.errors import BatchError, check_count
-from autoaccum.plan import Plan
+from autoaccum.plan import Plan, Plans, plans_of
 from autoaccum.step.batches import concat_batches, slice_batch
 from autoaccum.train.data.cut import Window, cut_window, measure, too_small
 
@@ -45,9 +45,15 @@ class IterableWindows:
         """None: each rank's iterable is its own (rank-local) data."""
         return
 
-    def num_windows(self, plan: Plan) -> int | None:
+    def num_windows(self, plans: Plan | Plans) -> int | None:
         samples = self.samples_per_epoch()
-        return None if samples is None else -(-samples // plan.per_rank)
+        if samples is None:
+            return None
+        plan_of, start, count = plans_of(plans), 0, 0
+        while start < samples:
+            start += plan_of(count).per_rank
+            count += 1
+        return count
 
     def sample_batch(self, size: int) -> Any:
         """The first ``min(size, available)`` samples of epoch 0, taken from the data and kept
@@ -88,8 +94,9 @@ class IterableWindows:
         batch = self.sample_batch(size)
         return batch, f"the first {size} samples (an iterable cannot be scanned for its heaviest)"
 
-    def windows(self, plan: Plan, epoch: int, *, skip: int = 0) -> Iterator[Window]:
-        """This epoch's windows of ``plan.per_rank`` samples; the last one may be short.
+    def windows(self, plans: Plan | Plans, epoch: int, *, skip: int = 0) -> Iterator[Window]:
+        """This epoch's windows, window k of ``plans(k).per_rank`` samples (of one plan's);
+        the last one may be short.
 
         A one-shot iterator (a generator) yields its windows in epoch 0 and nothing later.
         The first ``skip`` windows are read and left out (a resumed run).
@@ -101,19 +108,19 @@ class IterableWindows:
             return iter(())  # a one-shot iterator has nothing left after epoch 0
         else:
             source = iter(self.data)
-        return self._rechunk(plan, epoch, taken, source, skip)
+        return self._rechunk(plans_of(plans), epoch, taken, source, skip)
 
     def _rechunk(
         self,
-        plan: Plan,
+        plan_of: Plans,
         epoch: int,
         taken: list[tuple[Any, int]],
         source: Iterator[Any],
         skip: int,
     ) -> Iterator[Window]:
-        per_rank = plan.per_rank
         pieces: list[tuple[Any, int]] = []
         have = total = index = 0
+        plan = plan_of(0)
 
         def measured() -> Iterator[tuple[Any, int]]:
             yield from taken
@@ -124,19 +131,22 @@ class IterableWindows:
             total += n
             start = 0
             while start < n:
-                take = min(per_rank - have, n - start)
+                take = min(plan.per_rank - have, n - start)
                 piece = batch if take == n else slice_batch(batch, start, start + take)
                 pieces.append((piece, take))
                 have += take
                 start += take
-                if have == per_rank:
+                if have == plan.per_rank:
                     if index >= skip:
-                        yield cut_window(epoch, index, pieces, plan.micro_sizes, 0)
+                        window = cut_window(epoch, index, pieces, plan.micro_sizes, 0)
+                        yield dataclasses.replace(window, target=plan.target_batch)
                     pieces, have, index = [], 0, index + 1
+                    plan = plan_of(index)
         if have and index >= skip:
             sizes = plan.window_sizes(have)
             window = cut_window(epoch, index, pieces, sizes, have - sum(sizes))
-            yield dataclasses.replace(window, dropped_because=too_small(plan.min_micro))
+            why = too_small(plan.min_micro)
+            yield dataclasses.replace(window, dropped_because=why, target=plan.target_batch)
         elif epoch == 0 and total == 0:
             raise self._empty_error()
 

@@ -27,7 +27,6 @@ without moving any random stream).
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
@@ -36,7 +35,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from autoaccum.errors import BatchError, ConfigError, check_count
-from autoaccum.plan import Plan, shares
+from autoaccum.plan import Plan, Plans, plans_of, shares
 from autoaccum.step.rng import preserved_rng
 from autoaccum.train.data.cut import Window, too_small
 from autoaccum.train.data.heaviest import SizeFn, heaviest
@@ -150,15 +149,22 @@ class LoaderWindows:
         except TypeError:
             return None
 
-    def num_windows(self, plan: Plan) -> int | None:
+    def num_windows(self, plans: Plan | Plans) -> int | None:
         """Windows (optimizer steps) per epoch, or None when not knowable."""
         samples = self.samples_per_epoch()
         if samples is None:
             return None
-        window = plan.target_batch if self.global_order else plan.per_rank
-        if self.loader.drop_last:
-            return samples // window
-        return math.ceil(samples / window)
+        plan_of, start, count = plans_of(plans), 0, 0
+        while start < samples:
+            start += self._size(plan_of(count))
+            count += 1
+            if start > samples and self.loader.drop_last:
+                count -= 1
+        return count
+
+    def _size(self, plan: Plan) -> int:
+        """Samples of the order one window of ``plan`` takes (every rank's, or this rank's)."""
+        return plan.target_batch if self.global_order else plan.per_rank
 
     # ------------------------------------------------------------------ order
 
@@ -250,8 +256,9 @@ class LoaderWindows:
 
     # ------------------------------------------------------------------ windows
 
-    def windows(self, plan: Plan, epoch: int, *, skip: int = 0) -> Iterator[Window]:
-        """This rank's windows of ``epoch``, in order, each ``plan.per_rank`` samples.
+    def windows(self, plans: Plan | Plans, epoch: int, *, skip: int = 0) -> Iterator[Window]:
+        """This rank's windows of ``epoch``, in order: window k holds ``plans(k)``'s target
+        (its share of it on this rank), or ``plans.target_batch`` for one plan.
 
         The order is drawn when this is called (the start of the epoch). The first ``skip``
         windows are left out without fetching their samples (a resumed run).
@@ -260,10 +267,13 @@ class LoaderWindows:
         if epoch == 0 and not order:
             raise self._empty_error()
         micro_lists: list[list[Any]] = []
-        layout: list[tuple[int, tuple[int, ...], int, str, bool]] = []
-        size = plan.target_batch if self.global_order else plan.per_rank
-        for index, start in enumerate(range(0, len(order), size)):
-            window = order[start : start + size]
+        layout: list[tuple[int, tuple[int, ...], int, str, bool, int]] = []
+        plan_of, start, index = plans_of(plans), 0, -1
+        while start < len(order):
+            index += 1
+            plan = plan_of(index)
+            size = self._size(plan)
+            window, start = order[start : start + size], start + size
             anywhere = True  # some rank trains a sample of it
             if len(window) < size and self.loader.drop_last:
                 sizes: tuple[int, ...] = ()
@@ -278,7 +288,9 @@ class LoaderWindows:
                 why = too_small(plan.min_micro)
             if index < skip:
                 continue
-            layout.append((index, sizes, len(window) - sum(sizes), why, anywhere))
+            layout.append(
+                (index, sizes, len(window) - sum(sizes), why, anywhere, plan.target_batch)
+            )
             offset = 0
             for size_ in sizes:
                 micro_lists.append(window[offset : offset + size_])
@@ -309,16 +321,16 @@ class LoaderWindows:
         self,
         replay: torch.Generator | None,
         micro_lists: list[list[Any]],
-        layout: list[tuple[int, tuple[int, ...], int, str, bool]],
+        layout: list[tuple[int, tuple[int, ...], int, str, bool, int]],
         epoch: int,
     ) -> Iterator[Window]:
         inner = self._inner_loader(replay)
         self._micro_lists.lists = micro_lists  # replaced, never mutated: old epochs keep theirs
         batches = iter(inner)
-        for index, sizes, dropped, why, anywhere in layout:
+        for index, sizes, dropped, why, anywhere, target in layout:
             micro_batches = tuple(next(batches) for _ in sizes)
             why = why if dropped else ""
-            yield Window(epoch, index, micro_batches, sum(sizes), dropped, why, anywhere)
+            yield Window(epoch, index, micro_batches, sum(sizes), dropped, why, anywhere, target)
 
     def _empty_error(self) -> BatchError:
         try:
