@@ -25,7 +25,7 @@ MAX_LINES = 350
 #: the package's folders, top down: a folder imports only folders below it (and the bottom)
 LAYERS = ("train", "render", "probing", "memory", "step")
 #: the small modules at the bottom, below every folder: they import no folder
-BOTTOM = ("plan", "results", "distributed", "device", "errors", "_version")
+BOTTOM = ("plan", "results", "snapshot", "formats", "distributed", "device", "errors", "_version")
 
 
 def modules(root: Path) -> dict[str, Path]:
