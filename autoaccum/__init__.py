@@ -21,6 +21,7 @@ from autoaccum.errors import (
     BatchError,
     ConfigError,
     DistributedError,
+    MissingExtraError,
     NoBatchFitsError,
     NonFiniteLossError,
     PlanError,
@@ -35,6 +36,7 @@ from autoaccum.step.oom import is_oom
 from autoaccum.train.accumulator import Accumulator
 from autoaccum.train.callbacks import Callback, Checkpoint, Evaluate, JsonLog, RunView, StepState
 from autoaccum.train.fit import fit
+from autoaccum.train.tensorboard import TensorBoard
 
 __all__ = [
     "Accumulator",
@@ -48,6 +50,7 @@ __all__ = [
     "FitResult",
     "JsonLog",
     "MemoryReport",
+    "MissingExtraError",
     "NoBatchFitsError",
     "NonFiniteLossError",
     "Plan",
@@ -55,6 +58,7 @@ __all__ = [
     "ProbeResult",
     "RunView",
     "StepState",
+    "TensorBoard",
     "TrialRecord",
     "__version__",
     "count_tokens",
