@@ -9,7 +9,6 @@ from autoaccum.plan import Plan
 from autoaccum.results import FitResult, ProbeResult
 
 __all__ = [
-    "ORIGINS",
     "SEGMENT_LOOK",
     "UNITS",
     "bar_widths",
@@ -20,9 +19,6 @@ __all__ = [
     "plan_line",
     "plan_why",
 ]
-
-#: Where a run's plan came from: a probe, the user's ``max_micro``, or a checkpoint resumed.
-ORIGINS = ("probe", "max_micro", "checkpoint")
 
 #: The unit legend printed under every table that shows bytes.
 UNITS = "units: GiB = 2^30 bytes, MiB = 2^20 bytes, KiB = 2^10 bytes"
@@ -67,7 +63,9 @@ def _margin(probe: ProbeResult) -> str:
 
 
 def plan_why(plan: Plan, probe: ProbeResult | None, origin: str = "probe") -> str:
-    """Why the plan is what it is, in a few words: what fitted where, or who set the ceiling."""
+    """Why the plan is what it is, in a few words: what fitted where, or who set the ceiling.
+    ``origin`` says where the plan came from: ``"probe"``, ``"max_micro"`` (the user's
+    ceiling) or ``"checkpoint"`` (a resumed run's)."""
     if origin == "checkpoint":
         return "the checkpoint's plan, probed on this device"
     if probe is None or origin == "max_micro":

@@ -199,7 +199,7 @@ def _check_report(report: object) -> str | None:
     """What ``report`` asks to be shown: None, "summary" or "full"; a ConfigError otherwise."""
     if isinstance(report, bool):
         return "summary" if report else None
-    if report == "full":
+    if isinstance(report, str) and report == "full":
         return "full"
     raise ConfigError(
         f"report must be True (the plan and a short summary), 'full' (every table too) or "
