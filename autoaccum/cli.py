@@ -4,13 +4,17 @@ Subcommands::
 
     autoaccum report [--device D] [--json]        this machine's memory
     autoaccum probe MODULE:FACTORY --target-batch N [--device D] [--precision P]
-                    [--margin F] [--json]        probe a model, plan, explain the memory
+                    [--margin F] [--budget-mib N] [--plot FILE] [--json]
+                                                  probe a model, plan, explain the memory
     autoaccum demo [...]                          the bundled demo (see ``autoaccum demo -h``)
 
 Exit codes: 0 success; 1 an :class:`~autoaccum.errors.AutoAccumError` (printed as
 ``error: <message>``, no traceback); 2 a usage error (bad arguments, a device this
 machine does not have, a MODULE:FACTORY that cannot be imported, found or called, a
 factory that breaks the contract).
+
+torch and everything that needs it are imported when a command runs, not with this module:
+``autoaccum --version`` answers without them.
 """
 
 from __future__ import annotations
@@ -18,24 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-
-from autoaccum import __version__, demo
-from autoaccum.device import check_device
+from autoaccum._version import __version__
 from autoaccum.errors import AutoAccumError, ConfigError
-from autoaccum.factory import FACTORY_CONTRACT, UsageError, make
-from autoaccum.memory.collect import memory_report
-from autoaccum.memory.explain import explain
-from autoaccum.memory.peaks import DEFAULT_MARGIN
-from autoaccum.plan import make_plan
-from autoaccum.probing.fastest import CHOICES
-from autoaccum.probing.trials import probe
-from autoaccum.render import print_report
-from autoaccum.step.losses import default_loss
-from autoaccum.step.model import check_model, default_optimizer, min_micro
-from autoaccum.step.precision import PRECISIONS
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["build_parser", "main"]
 
@@ -47,6 +42,11 @@ def _print_json(data: object) -> None:
 
 
 def _device(name: str | None) -> torch.device:
+    import torch
+
+    from autoaccum.device import check_device
+    from autoaccum.factory import UsageError
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -65,7 +65,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
+    from autoaccum.memory.collect import memory_report
+    from autoaccum.render import print_report
+
     report = memory_report(_device(args.device) if args.device is not None else None)
     if args.json:
         _print_json(report.to_dict())
@@ -74,10 +87,49 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_device(args: argparse.Namespace) -> torch.device:
+    """The device to probe on; an emulated budget (``--budget-mib``) is a CPU's."""
+    from autoaccum.factory import UsageError
+
+    if args.budget_mib is None:
+        return _device(args.device)
+    dev = _device(args.device or "cpu")
+    if dev.type != "cpu":
+        raise UsageError(
+            f"--budget-mib emulates a device on the CPU, and --device is {dev}: drop one "
+            "(on a GPU the probe runs against the device's real memory)"
+        )
+    return dev
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
-    dev = _device(args.device)  # before the factory builds anything
+    from autoaccum.emulate import MemoryBudget, training_bytes
+    from autoaccum.factory import UsageError, make
+    from autoaccum.memory.collect import memory_report
+    from autoaccum.memory.explain import explain
+    from autoaccum.plan import make_plan
+    from autoaccum.probing.trials import probe
+    from autoaccum.render import print_plan, print_report
+    from autoaccum.render.plot import check_plot, plot_probe
+    from autoaccum.step.losses import default_loss
+    from autoaccum.step.model import check_model, default_optimizer, min_micro
+
+    dev = _probe_device(args)  # before the factory builds anything
+    if args.plot is not None:  # before any work: a memory reading, the file name, matplotlib
+        if dev.type == "cpu" and args.budget_mib is None:
+            raise UsageError(
+                "--plot draws the trials against the memory limit, and the CPU has none: add "
+                "--budget-mib N to probe on an emulated device of N MiB, or probe on a GPU"
+            )
+        try:
+            check_plot(args.plot)
+        except ConfigError as exc:  # a missing matplotlib is an error of its own (exit 1)
+            raise UsageError(f"bad --plot: {exc}") from None
     made = make(args.factory)
     model = check_model(made.model).to(dev)
+    if args.budget_mib is not None:  # the same parameters: an optimizer made over them works
+        budget = int(args.budget_mib * 2**20)
+        model = MemoryBudget(model, budget, training_bytes(model))
     optimizer = made.optimizer if made.optimizer is not None else default_optimizer(model)
     result = probe(
         model,
@@ -95,6 +147,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     # the probe measured the fixed memory while its trials' optimizer state existed; the
     # optimizer is back to empty now, so a footprint taken here would miss that state
     explained = explain(result, plan, None, report)
+    drawn = plot_probe(result, plan, args.plot) if args.plot is not None else None
     if args.json:
         _print_json(
             {
@@ -102,11 +155,15 @@ def _cmd_probe(args: argparse.Namespace) -> int:
                 "plan": plan.to_dict(),
                 "breakdown": explained.to_dict(),
                 "memory": report.to_dict(),
+                **({"plot": str(drawn)} if drawn is not None else {}),
             }
         )
         return 0
-    for obj in (result, plan, explained):
-        print_report(obj)
+    print_report(result)
+    print_plan(plan, result)
+    print_report(explained)
+    if drawn is not None:
+        print(f"drawn: {drawn}")
     return 0
 
 
@@ -116,12 +173,19 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="run the bundled demo (probe, plan and train a small model)",
         description="Run the bundled demo: probe, plan and train a small model.",
     )
+    from autoaccum import demo
+
     demo.add_arguments(parser, positive_int=_positive_int)
     parser.set_defaults(handler=demo.main)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``autoaccum`` command."""
+    from autoaccum.factory import FACTORY_CONTRACT
+    from autoaccum.memory.peaks import DEFAULT_MARGIN
+    from autoaccum.probing.fastest import CHOICES
+    from autoaccum.step.precision import PRECISIONS
+
     parser = argparse.ArgumentParser(
         prog="autoaccum",
         description="Memory-aware auto-batching for PyTorch: probe the largest micro-batch "
@@ -180,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="the micro-batch under the ceiling: the fastest plan (timed), the largest, or "
         "auto: fastest on a GPU (default: auto)",
     )
+    probe.add_argument(
+        "--budget-mib",
+        type=_positive_float,
+        metavar="N",
+        help="probe on an emulated device of N MiB (2^20 bytes) on the CPU, to watch the "
+        "probe run into a limit as it does on a GPU: activations count as the forward saves "
+        "them, the parameters, their gradients and two optimizer moments (AdamW's) as resident",
+    )
+    probe.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="draw the trials against the memory limit (sizes, peaks, the peak line, the "
+        "margin, the chosen size) into FILE (.svg, .png or .pdf); needs matplotlib: "
+        "pip install 'autoaccum[plot]'",
+    )
     probe.add_argument("--json", action="store_true", help="print JSON (bytes) instead of tables")
     probe.set_defaults(handler=_cmd_probe)
     return parser
@@ -188,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list == ["--version"]:  # answered without importing torch (seconds)
+        sys.stdout.write(f"autoaccum {__version__}\n")
+        return 0
+    # torch warns at its import where numpy is not installed; no command here needs numpy
+    warnings.filterwarnings("ignore", "Failed to initialize NumPy", UserWarning)
+    from autoaccum.factory import UsageError
+
     command: str | None = None
     try:
         parser = build_parser()

@@ -21,7 +21,18 @@ from torch import nn
 from autoaccum.memory.meter import Reading
 from autoaccum.step.oom import OOM_TYPE
 
-__all__ = ["BudgetMeter", "MemoryBudget"]
+__all__ = ["BudgetMeter", "MemoryBudget", "training_bytes"]
+
+
+def training_bytes(model: nn.Module, moments: int = 2) -> int:
+    """What training keeps resident besides activations: the parameters and buffers, a
+    gradient per trainable parameter, and ``moments`` optimizer tensors per trainable
+    parameter (AdamW keeps two; SGD with momentum one). A :class:`MemoryBudget`'s
+    ``fixed_bytes`` for a model trained with that optimizer."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return params + buffers + (1 + moments) * trainable
 
 
 class MemoryBudget(nn.Module):

@@ -125,6 +125,10 @@ class Plan:
             for share in shares(self.target_batch, self.world_size)
         )
 
+    def __repr__(self) -> str:
+        least = f", min_micro {self.min_micro}" if self.min_micro > 1 else ""
+        return f"Plan({self.describe()}; max_micro {self.max_micro}{least})"
+
     def to_dict(self) -> dict[str, object]:
         return {
             "target_batch": self.target_batch,

@@ -3,18 +3,19 @@ and a training run found. Data only: no device is touched here and nothing is dr
 
 Every result turns into plain JSON-ready data with ``to_dict()`` (:func:`plain`): tuples
 become lists, nested dataclasses dicts, derived properties are added where a reader of
-the JSON needs them.
+the JSON needs them. The probe, memory and run results also say what they hold in one line
+(``describe()``), which is what their ``repr`` shows; tables are :mod:`autoaccum.render`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoaccum.formats import counted, field_dict, format_bytes, plain
 from autoaccum.plan import Plan
+from autoaccum.snapshot import AllocatorMemory, CgroupMemory, GpuMemory, HostMemory, MemoryReport
 
 __all__ = [
     "AllocatorMemory",
@@ -33,25 +34,6 @@ __all__ = [
 ]
 
 
-def plain(obj: Any) -> Any:
-    """``obj`` as JSON-ready data: dataclasses and mappings as dicts, sequences as lists."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        to_dict = getattr(obj, "to_dict", None)
-        if callable(to_dict):
-            return to_dict()
-        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    return obj
-
-
-def field_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass's own fields as plain data (what ``to_dict`` builds on)."""
-    return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-
-
 # --------------------------------------------------------------------------- probing
 
 
@@ -67,6 +49,11 @@ class TrialRecord:
     peak_reserved: int | None = None  #: bytes reserved by the caching allocator at the peak
     alloc_retries: int | None = None  #: cudaMalloc retries during the trial (memory pressure)
     failure: str | None = None  #: "oom", "size_limit" or "oom (another rank)" when it failed
+
+    def __repr__(self) -> str:
+        passed = "✓" if self.passed else f"✗ {self.failure or 'failed'}"
+        peak = f", peak {format_bytes(self.peak_allocated)}" if self.peak_allocated else ""
+        return f"TrialRecord({self.size} {passed}{peak}, {self.seconds:.3f} s)"
 
     def to_dict(self) -> dict[str, object]:
         return field_dict(self)
@@ -111,6 +98,26 @@ class ProbeResult:
     def limited_by(self) -> str:
         return "memory" if self.hit_limit else f"upper={self.upper}"
 
+    def describe(self) -> str:
+        """One line: the ceiling, why, and the trials in the order they ran."""
+        if self.max_micro < self.largest_pass:
+            how = f"{self.largest_pass} passed, less a {self.margin:.0%} margin"
+        else:
+            how = "the largest that passed"
+        limit = (
+            f" ({format_bytes(self.limit_bytes)})" if self.limit_bytes and self.hit_limit else ""
+        )
+        chosen = f"; the fastest plan's micro-batch: {self.chosen}" if self.chosen else ""
+        trials = ", ".join(f"{t.size} {'✓' if t.passed else '✗'}" for t in self.trials)
+        return (
+            f"max_micro {self.max_micro}: {how}, limited by {self.limited_by}{limit}{chosen}; "
+            f"{counted(len(self.trials), 'trial')} on {self.device} in {self.seconds:.2f} s: "
+            f"{trials}"
+        )
+
+    def __repr__(self) -> str:
+        return f"ProbeResult({self.describe()})"
+
     def to_dict(self) -> dict[str, object]:
         return {**field_dict(self), "limited_by": self.limited_by, "seconds": self.seconds}
 
@@ -134,105 +141,6 @@ class PeakLine:
         return self.fixed + self.per_sample * size
 
     def to_dict(self) -> dict[str, object]:
-        return field_dict(self)
-
-
-@dataclass(frozen=True)
-class CgroupMemory:
-    """The memory cgroup that binds this process (a container's limit), in bytes."""
-
-    version: int  #: 1 or 2
-    path: str  #: the cgroup directory read
-    limit: int | None  #: None: no limit ("max" in v2, a huge number in v1)
-    usage: int | None  #: memory.current (v2) or memory.usage_in_bytes (v1)
-
-    @property
-    def remaining(self) -> int | None:
-        """Bytes left under the limit; None without a limit."""
-        if self.limit is None:
-            return None
-        return max(0, self.limit - (self.usage or 0))
-
-    def to_dict(self) -> dict[str, object]:
-        return {**field_dict(self), "remaining": self.remaining}
-
-
-@dataclass(frozen=True)
-class GpuMemory:
-    """The whole GPU as the driver sees it (all processes), in bytes."""
-
-    name: str
-    index: int  #: the torch device index (after CUDA_VISIBLE_DEVICES)
-    uuid: str | None
-    total: int
-    free: int
-    used: int
-    driver_version: str | None
-    source: str  #: "nvml" or "torch.cuda.mem_get_info"
-
-    def to_dict(self) -> dict[str, object]:
-        return field_dict(self)
-
-
-@dataclass(frozen=True)
-class AllocatorMemory:
-    """torch's CUDA caching allocator in this process, in bytes (``torch.cuda.memory_stats``)."""
-
-    allocated: int  #: held by live tensors
-    reserved: int  #: obtained from the driver (allocated + cached)
-    peak_allocated: int
-    peak_reserved: int
-    num_alloc_retries: int  #: cudaMalloc failures retried after freeing the cache (pressure)
-    num_ooms: int  #: out-of-memory errors raised
-
-    @property
-    def fragmentation(self) -> int:
-        """Reserved but not allocated: cached blocks no tensor uses right now."""
-        return max(0, self.reserved - self.allocated)
-
-    def to_dict(self) -> dict[str, object]:
-        return {**field_dict(self), "fragmentation": self.fragmentation}
-
-
-@dataclass(frozen=True)
-class HostMemory:
-    """Host RAM (psutil) and the cgroup limit that applies to this process, in bytes.
-
-    Inside a container ``total`` and ``available`` describe the whole machine; the
-    cgroup limit is what really bounds this process (see :attr:`effective_available`).
-    """
-
-    total: int
-    available: int
-    process_rss: int  #: resident memory of this process
-    cgroup: CgroupMemory | None
-    cgroup_why: str | None = None  #: why ``cgroup`` is None
-
-    @property
-    def effective_available(self) -> int:
-        """RAM this process can still get: the smaller of ``available`` and the cgroup's room."""
-        room = self.cgroup.remaining if self.cgroup is not None else None
-        return self.available if room is None else min(self.available, room)
-
-    def to_dict(self) -> dict[str, object]:
-        return {**field_dict(self), "effective_available": self.effective_available}
-
-
-@dataclass(frozen=True)
-class MemoryReport:
-    """A snapshot of device and host memory. Missing parts are None, with the reason beside."""
-
-    device: str  #: the torch device described, e.g. "cuda:0" or "cpu"
-    gpu: GpuMemory | None
-    gpu_why: str | None
-    allocator: AllocatorMemory | None
-    allocator_why: str | None
-    host: HostMemory | None
-    host_why: str | None
-    notes: tuple[str, ...] = ()  #: caveats, e.g. the NVML fallback that was used
-
-    def to_dict(self) -> dict[str, object]:
-        """Plain JSON-able data (``json.dumps`` works on it)."""
         return field_dict(self)
 
 
@@ -327,6 +235,33 @@ class FitResult:
         """Deprecated name of :attr:`items_seen` (removed in the next release)."""
         warnings.warn("FitResult.tokens_seen is now items_seen", DeprecationWarning, stacklevel=2)
         return self.items_seen
+
+    def describe(self) -> str:
+        """One line: what the run did, with which plan, and anything that went differently."""
+        losses = self.losses
+        loss = f"loss {losses[0]:.4g} → {losses[-1]:.4g}" if losses else "no optimizer step"
+        parts = [
+            f"{counted(self.optimizer_steps, 'optimizer step')}, "
+            f"{counted(self.samples_seen, 'sample')}, {counted(self.epochs, 'epoch')} in "
+            f"{self.seconds:.1f} s, {loss}",
+            f"{self.plan.describe()}, {self.precision} on {self.device}",
+        ]
+        if self.oom_retries:
+            parts.append(
+                f"{counted(self.oom_retries, 'window')} re-run after running out of memory"
+            )
+        if self.resizes:
+            parts.append(f"{counted(len(self.resizes), 'micro-batch change')}")
+        if self.skipped_steps:
+            parts.append(f"{counted(self.skipped_steps, 'step')} skipped (fp16 overflow)")
+        if self.samples_dropped:
+            parts.append(f"{counted(self.samples_dropped, 'sample')} not trained")
+        if self.stopped_early:
+            parts.append("stopped early by a callback")
+        return "; ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"FitResult({self.describe()})"
 
     def to_dict(self) -> dict[str, object]:
         return field_dict(self)

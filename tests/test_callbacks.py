@@ -239,3 +239,50 @@ def test_on_resize_sees_every_change_and_on_oom_its_old_name_still_works() -> No
     assert [(r.old, r.new, r.reason) for r in new.seen] == [(4, 3, "oom")]
     with pytest.warns(DeprecationWarning, match="items_seen"):
         assert result.tokens_seen == result.items_seen == 40
+
+
+def test_tensorboard_gets_the_loss_lr_counts_plan_resizes_and_evaluations(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from helpers import OOMAbove
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    model = nn.Sequential(mlp(), OOMAbove(3))
+    evaluate = Evaluate(DataLoader(samples(6)), every=5, max_micro=2)
+    with pytest.warns(UserWarning, match="out of memory"):
+        result = _fit(model, [evaluate, autoaccum.TensorBoard(tmp_path / "tb")])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+
+    def scalars(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    def texts(tag: str) -> list[tuple[int, str]]:
+        found = events.Tensors(f"{tag}/text_summary")
+        return [(e.step, make_ndarray(e.tensor_proto).item().decode()) for e in found]
+
+    assert scalars("train/loss") == [
+        (i, pytest.approx(loss, rel=1e-6)) for i, loss in enumerate(result.losses, start=1)
+    ]
+    assert scalars("train/lr") == [(i, pytest.approx(LR)) for i in range(1, 6)]
+    assert scalars("train/samples_seen") == [(i, 8.0 * i) for i in range(1, 6)]
+    assert scalars("train/items_seen") == [(i, 8.0 * i) for i in range(1, 6)]
+    assert texts("autoaccum/plan") == [(0, "target_batch 8 = 4 × 2 (accum_iter 2) × 1 rank")]
+    # the first window ran out of memory at 4 and went on at 3: written at its step
+    assert scalars("plan/micro_batch") == [(0, 4.0), (1, 3.0)]
+    assert scalars("plan/accum_iter") == [(0, 2.0), (1, 3.0)]
+    assert texts("autoaccum/resize") == [
+        (1, "micro-batch 4 → 3 (oom) in epoch 0, window 0: target_batch 8 = 3+3+2 (accum_iter 3) "
+         "× 1 rank")
+    ]  # fmt: skip
+    assert scalars("eval/eval_loss") == [(5, pytest.approx(result.evaluations[0]["eval_loss"]))]
+
+
+def test_tensorboard_without_the_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import hide_package
+
+    hide_package(monkeypatch, "tensorboard")
+    with pytest.raises(
+        autoaccum.MissingExtraError, match=r"pip install 'autoaccum\[tensorboard\]'"
+    ):
+        autoaccum.TensorBoard("runs")

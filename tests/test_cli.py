@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
+from helpers import hide_package
 
 from autoaccum import __version__
 from autoaccum.cli import main
@@ -89,10 +91,84 @@ def test_probe_prints_trials_plan_and_breakdown(capsys: pytest.CaptureFixture[st
     assert "optimizer state 3.0 KiB" in out  # AdamW's moments, as the trials allocated them
     assert out.count("✓") == 2  # on the CPU: the smallest size, then the target
     assert "largest that passed: 16" in out
-    assert "Plan: target_batch 16 = 16 × 1 (accum_iter 1) × 1 rank" in out
-    assert "Memory at micro_batch 16" in out
+    assert "plan: target_batch 16 = 16 × 1 (accum_iter 1) × 1 rank — the whole window fits" in out
+    assert "Memory at micro_batch 16: fixed" in out
     assert "not measurable on cpu" in out
+    assert "headroom" not in out  # no table of the host's RAM that says nothing
     assert "GiB = 2^30 bytes" in out
+
+
+def test_probe_on_an_emulated_device_runs_into_its_limit(capsys: pytest.CaptureFixture[str]):
+    argv = ["probe", "cli_factory:make", "--target-batch", "256", "--budget-mib", "0.05"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "✗ oom" in out  # the probe ran into the emulated limit, as on a GPU
+    assert "plan: target_batch 256 = 128 × 2 (accum_iter 2) × 1 rank — 160 fit in the " in out
+    assert "emulated device's 51.2 KiB, less a 2% margin: max_micro 156" in out
+    assert "activations" in out
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["breakdown"]["capacity"] == int(0.05 * 2**20)
+    assert "emulated device" in data["breakdown"]["capacity_source"]
+    # parameters + gradients + AdamW's two moments are resident: 4 × 1,548 bytes
+    assert data["probe"]["trials"][0]["peak_allocated"] > 4 * (8 * 32 + 32 + 32 * 3 + 3) * 4
+    assert data["probe"]["largest_pass"] == 160
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--budget-mib", "0"], "--budget-mib: must be a finite number > 0, got 0"),
+        (["--budget-mib", "lots"], "expected a number > 0, got 'lots'"),
+        (["--budget-mib", "nan"], "must be a finite number > 0"),
+        (["--plot", "probe.svg"], "--plot draws the trials against the memory limit, and the CPU"),
+        (["--budget-mib", "1", "--plot", "probe.txt"], "bad --plot: cannot draw into probe.txt"),
+        (["--budget-mib", "1", "--plot", "no/such/dir/p.svg"], "the folder no/such/dir does not"),
+    ],
+)
+def test_bad_budget_or_plot_is_a_usage_error_before_the_factory_runs(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+):
+    # cli_factory:raises would fail if it ran: the arguments are refused first
+    assert main(["probe", "cli_factory:raises", "--target-batch", "8", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_plot_draws_the_trials_against_the_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    pytest.importorskip("matplotlib")
+    svg = tmp_path / "probe.svg"
+    argv = ["probe", "cli_factory:make", "--target-batch", "256", "--budget-mib", "0.05"]
+    assert main([*argv, "--plot", str(svg)]) == 0
+    assert f"drawn: {svg}" in capsys.readouterr().out
+    texts = ["".join(t.itertext()) for t in ElementTree.parse(svg).iter() if t.tag.endswith("text")]
+    for label in (
+        "limit 51.2 KiB",
+        "margin: 2% kept spare",
+        "peak line: 6.0 KiB + 288 B/sample",
+        "passed",
+        "out of memory",
+        "max_micro 156",
+        "micro_batch 128 (accum_iter 2)",
+        "micro-batch size (samples)",
+        "peak memory (KiB)",
+    ):
+        assert label in texts, (label, texts)
+
+
+def test_plot_without_matplotlib_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    hide_package(monkeypatch, "matplotlib")
+    argv = ["probe", "cli_factory:raises", "--target-batch", "8", "--budget-mib", "1"]
+    assert main([*argv, "--plot", str(tmp_path / "p.svg")]) == 1
+    err = capsys.readouterr().err
+    assert "needs the 'matplotlib' package" in err
+    assert "pip install 'autoaccum[plot]'" in err
+    assert not (tmp_path / "p.svg").exists()
 
 
 def test_probe_json_with_a_tuple_factory_from_a_file(capsys: pytest.CaptureFixture[str]):

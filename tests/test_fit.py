@@ -370,3 +370,50 @@ def test_demo_learns_and_accumulates(capsys: pytest.CaptureFixture[str]) -> None
     assert breakdown["capacity"] == int(0.8 * 2**20)
     assert "emulated device" in breakdown["capacity_source"]
     assert breakdown["fixed"] + breakdown["activations"] + breakdown["headroom"] == int(0.8 * 2**20)
+
+
+#: what the demo must run without: every extra's packages, the dev tools, numpy (torch does
+#: not install it): ``pip install torch -e .`` is all the Quickstart's first command installs
+NOT_INSTALLED = ("lightning", "pytorch_lightning", "transformers", "accelerate", "datasets")
+NOT_INSTALLED += ("tensorboard", "matplotlib", "numpy", "hypothesis", "pytest")
+DEMO_WITHOUT_EXTRAS = f"""
+import sys
+sys.modules.update(dict.fromkeys({NOT_INSTALLED!r}))  # None: an import of them fails
+from autoaccum.cli import main
+sys.exit(main(["demo", "--samples", "600", "--epochs", "2"]))
+"""
+
+
+def test_the_demo_needs_no_extra_and_prints_one_screen() -> None:
+    """The Quickstart's demo: the plan in one line and why, a short summary, memory at the
+    plan at a glance (memory is measured on the emulated device), the accuracy; no tables
+    that say nothing; no package beyond torch and the core dependencies."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", DEMO_WITHOUT_EXTRAS],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) < 25, done.stdout
+    assert lines[0].startswith("CPU: emulating a device with 0.8 MiB")
+    assert lines[1] == (
+        "plan: target_batch 256 = 86+85+85 (accum_iter 3) × 1 rank — 96 fit in the emulated "
+        "device's 819.2 KiB, less a 2% margin: max_micro 91"
+    )
+    assert lines[2].startswith("done: 6 optimizer steps (2 epochs), 1,200 samples in ")
+    assert lines[3].startswith("memory at micro_batch 86 (the emulated device's limit")
+    assert lines[-1].startswith("train accuracy ")
+    for nothing in ("1 epochs", "0.00 MiB", "Memory on", "Probe on", "100.0%", "NumPy"):
+        assert nothing not in done.stdout + done.stderr, nothing

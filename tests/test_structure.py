@@ -25,7 +25,18 @@ MAX_LINES = 350
 #: the package's folders, top down: a folder imports only folders below it (and the bottom)
 LAYERS = ("train", "render", "probing", "memory", "step")
 #: the small modules at the bottom, below every folder: they import no folder
-BOTTOM = ("plan", "results", "distributed", "rendezvous", "device", "errors", "_version")
+BOTTOM = (
+    "plan",
+    "schedule",
+    "results",
+    "snapshot",
+    "formats",
+    "distributed",
+    "rendezvous",
+    "device",
+    "errors",
+    "_version",
+)
 
 
 def modules(root: Path) -> dict[str, Path]:

@@ -4,25 +4,12 @@ in words. Pure data: drawing it is :mod:`autoaccum.render`'s job."""
 
 from __future__ import annotations
 
+from autoaccum.formats import format_bytes
 from autoaccum.memory.peaks import peak_line, peak_points
 from autoaccum.plan import Plan
 from autoaccum.results import MemoryBreakdown, MemoryReport, PeakLine, ProbeResult
 
 __all__ = ["explain", "format_bytes"]
-
-
-def format_bytes(n: float | None) -> str:
-    """``n`` bytes in binary units, labelled: ``"1.50 GiB"``, ``"12.0 MiB"``, ``"512 B"``."""
-    if n is None:
-        return "—"
-    size = abs(n)
-    if size >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    if size >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    if size >= 2**10:
-        return f"{n / 2**10:.1f} KiB"
-    return f"{round(n)} B"
 
 
 def _capacity(

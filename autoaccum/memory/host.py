@@ -17,6 +17,7 @@ from types import TracebackType
 
 import torch
 
+from autoaccum.formats import format_bytes
 from autoaccum.memory.collect import memory_report
 
 __all__ = ["SavedBytes", "host_available", "host_ceiling"]
@@ -77,11 +78,11 @@ def host_ceiling(
         return upper, (
             f"the CPU has no device limit to search: the target's micro-batch of {upper} was "
             f"tried first ({gib:.1f} GiB of host memory available, about "
-            f"{per_sample / 2**20:.2f} MiB per sample measured)"
+            f"{format_bytes(per_sample)} per sample measured)"
         )
     ceiling = max(1, fits)
     return ceiling, (
         f"the CPU has no device limit to search: sizes were capped at {ceiling} by host memory "
-        f"({gib:.1f} GiB available, about {per_sample / 2**20:.2f} MiB per sample measured, "
+        f"({gib:.1f} GiB available, about {format_bytes(per_sample)} per sample measured, "
         f"{margin:.0%} kept spare)"
     )

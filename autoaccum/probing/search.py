@@ -16,7 +16,8 @@ from autoaccum.step.oom import free_memory, oom_kind
 
 __all__ = ["AIM", "MAX_JUMPS", "Agree", "Trial", "max_trials", "search_max_batch"]
 
-#: ``trial(size)`` runs one real training trial at micro-batch ``size``; it raises on OOM.
+#: ``trial(size)`` runs one real training trial at micro-batch ``size``; its return value is
+#: ignored, and it lets an out-of-memory error propagate when the size does not fit.
 Trial = Callable[[int], object]
 #: ``agree(failed)`` returns whether *any* rank failed (an all-reduce MAX); identity alone.
 Agree = Callable[[bool], bool]
@@ -111,6 +112,23 @@ def search_max_batch(
 ) -> ProbeResult:
     """The exact largest size in ``[lower, upper]`` for which ``trial(size)`` passes
     (runs without running out of memory).
+
+    ``trial(size)`` runs one real training step at micro-batch ``size`` (forward, backward,
+    optimizer step: whatever training will do at that size). What it returns is ignored:
+    returning at all means the size fits. To say it does not fit, let the out-of-memory
+    error propagate: ``torch.OutOfMemoryError``, or any error :func:`autoaccum.is_oom`
+    recognises (a ``RuntimeError`` or ``MemoryError`` with an allocation failure's message;
+    cuDNN's size refusal counts once a smaller size has passed). Do not catch it in the
+    trial. Any other exception ends the search and propagates unchanged. The trial need not
+    clean up after itself: ``cleanup()`` (zeroing gradients, say) runs after every trial and
+    cached device memory is freed. For example::
+
+        def trial(size):
+            loss = model(inputs[:size]).logsumexp(-1).mean()
+            loss.backward()
+            optimizer.step()
+
+        found = search_max_batch(trial, 1024, device="cuda", cleanup=optimizer.zero_grad)
 
     Sizes grow exponentially from ``lower`` (``lower, 2·lower, 4·lower, …``, capped at
     ``upper``) until a trial runs out of memory, then bisect between the last size that

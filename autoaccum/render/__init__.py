@@ -11,9 +11,17 @@ from __future__ import annotations
 from autoaccum.render.progress import TrainProgress
 from autoaccum.render.tables import (
     print_fit_report,
+    print_plan,
     print_report,
     render_text,
     renderable,
 )
 
-__all__ = ["TrainProgress", "print_fit_report", "print_report", "render_text", "renderable"]
+__all__ = [
+    "TrainProgress",
+    "print_fit_report",
+    "print_plan",
+    "print_report",
+    "render_text",
+    "renderable",
+]

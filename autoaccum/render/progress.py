@@ -15,9 +15,10 @@ __all__ = ["TrainProgress"]
 
 class TrainProgress:
     """Shows optimizer steps of ``total()`` (read at the first step, once the plan is known),
-    samples/s, the last window loss and the plan (micro-batches × accumulation)."""
+    samples/s, the last window loss and the micro-batches in force. The bar appears at the
+    first step, so that what is printed before it (the plan) is not drawn over."""
 
-    def __init__(self, total: Callable[[], int | None]) -> None:
+    def __init__(self, total: Callable[[], int | None], console: Console | None = None) -> None:
         self._total = total
         self._progress: Progress | None = None
         self._task: Any = None
@@ -30,13 +31,11 @@ class TrainProgress:
                     "{task.fields[rate]} samples/s  loss {task.fields[loss]}  {task.fields[plan]}"
                 ),
                 TimeElapsedColumn(),
-                console=Console(),
+                console=console or Console(),
                 transient=False,
             )
 
     def __enter__(self) -> TrainProgress:
-        if self._progress is not None:
-            self._progress.start()
         return self
 
     def __exit__(
@@ -45,7 +44,7 @@ class TrainProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.stop()
 
     def on_step(self, run: Any) -> None:
@@ -54,6 +53,7 @@ class TrainProgress:
             return
         state = run.state()
         if self._task is None:
+            self._progress.start()
             self._task = self._progress.add_task(
                 "train", total=self._total(), completed=state.step - 1, rate="-", loss="-", plan=""
             )

@@ -19,18 +19,28 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from autoaccum.memory.explain import format_bytes
+from autoaccum.formats import format_bytes
 from autoaccum.plan import Plan
-from autoaccum.render.text import SEGMENT_LOOK, UNITS, bar_widths, fit_lines, percent
+from autoaccum.render.text import (
+    SEGMENT_LOOK,
+    UNITS,
+    bar_widths,
+    fit_lines,
+    memory_measured,
+    percent,
+    plan_line,
+)
 from autoaccum.results import FitResult, MemoryBreakdown, MemoryReport, PeakLine, ProbeResult
 
 __all__ = [
     "breakdown_renderable",
     "fit_renderable",
     "memory_bar",
+    "memory_glance",
     "memory_report_renderable",
     "plan_renderable",
     "print_fit_report",
+    "print_plan",
     "print_report",
     "probe_renderable",
     "probe_table",
@@ -187,8 +197,26 @@ def memory_bar(b: MemoryBreakdown, width: int = 60) -> Text:
     return Text("\n").join([bar, legend])
 
 
+def _fixed_what(b: MemoryBreakdown) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in b.fixed_parts if v)
+
+
+def memory_glance(b: MemoryBreakdown) -> RenderableType:
+    """Memory at the plan in three lines: what the capacity is, the bar, its legend."""
+    head = Text(f"memory at micro_batch {b.plan.micro_batch} ({b.capacity_source}):")
+    return Group(head, memory_bar(b))
+
+
 def breakdown_renderable(b: MemoryBreakdown) -> RenderableType:
-    """The composition table, the bar, and the facts behind the plan."""
+    """The composition table, the bar, and the facts behind the plan. Where nothing of the
+    device was measured (the CPU: no activations, nothing outside torch), no table of the
+    host's RAM: the fixed part in one line, and the reasons."""
+    if b.activations is None and b.outside_torch is None:
+        fixed = f"fixed {format_bytes(b.fixed)} ({_fixed_what(b)})" if b.fixed else "fixed unknown"
+        head = Text(
+            f"Memory at micro_batch {b.plan.micro_batch}: {fixed}; activations not measured"
+        )
+        return Group(head, *_reasons(b))
     table = Table(
         title=f"Memory at micro_batch {b.plan.micro_batch}", box=box.SIMPLE_HEAD, caption=UNITS
     )
@@ -196,11 +224,8 @@ def breakdown_renderable(b: MemoryBreakdown) -> RenderableType:
     table.add_column("bytes", justify="right")
     table.add_column("of capacity", justify="right")
     table.add_column("what")
-    fixed_what = ", ".join(
-        f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in b.fixed_parts if v
-    )
     rows = [
-        ("fixed", b.fixed, fixed_what or "params + grads + optimizer state"),
+        ("fixed", b.fixed, _fixed_what(b) or "params + grads + optimizer state"),
         ("other", b.other, "at the peak, not growing with the batch (workspaces, ...)"),
         ("activations", b.activations, f"per-sample memory × {b.plan.micro_batch}"),
         ("outside torch", b.outside_torch, "CUDA context, other processes"),
@@ -211,27 +236,41 @@ def breakdown_renderable(b: MemoryBreakdown) -> RenderableType:
             continue
         table.add_row(name, format_bytes(value), percent(value, b.capacity), what)
     table.add_row("capacity", format_bytes(b.capacity), "", b.capacity_source)
-    parts: list[RenderableType] = [table, memory_bar(b)]
-    parts.append(Text("Why this plan", style="bold"))
-    parts.extend(Text(f"  {line}") for line in b.reasons)
-    parts.extend(Text(f"note: {n}", style="dim") for n in b.notes)
-    return Group(*parts)
+    return Group(table, memory_bar(b), *_reasons(b))
+
+
+def _reasons(b: MemoryBreakdown) -> list[Text]:
+    lines = [Text("Why this plan", style="bold")]
+    lines.extend(Text(f"  {line}") for line in b.reasons)
+    lines.extend(Text(f"note: {n}", style="dim") for n in b.notes)
+    return lines
 
 
 # --------------------------------------------------------------------------- fit result
 
 
-def fit_renderable(result: FitResult) -> RenderableType:
-    """A summary of a run: plan, probe table, what training did, memory (the end-of-run
-    snapshot, and the breakdown at the plan's micro_batch)."""
+def fit_renderable(result: FitResult, *, full: bool = True) -> RenderableType:
+    """A run's summary: what training did (:func:`~autoaccum.render.text.fit_lines`) and,
+    where memory was measured, memory at the plan at a glance. ``full``: the plan, the
+    probe's trials, the end-of-run memory snapshot and the breakdown with its reasons too."""
+    lines: list[RenderableType] = [Text(line) for line in fit_lines(result)]
+    if not full:
+        if memory_measured(result) and result.breakdown is not None:
+            lines.append(memory_glance(result.breakdown))
+        return Group(*lines)
     parts: list[RenderableType] = [plan_renderable(result.plan)]
     if result.probe is not None:
         parts.append(probe_renderable(result.probe))
-    parts.extend(Text(line) for line in fit_lines(result))
+    parts.extend(lines)
     if result.memory is not None:
         parts.append(memory_report_renderable(result.memory))
     if result.breakdown is not None:  # its "fixed" row lists the footprint
         parts.append(breakdown_renderable(result.breakdown))
+    elif result.footprint:
+        fp = ", ".join(
+            f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in result.footprint.items() if v
+        )
+        parts.append(Text(f"footprint: {fp}"))
     return Group(*parts)
 
 
@@ -263,9 +302,20 @@ def print_report(obj: object, console: Console | None = None) -> None:
     (console or Console()).print(renderable(obj))
 
 
-def print_fit_report(result: FitResult, console: Console | None = None) -> None:
-    """Print the summary of a :func:`autoaccum.fit` run."""
-    (console or Console()).print(fit_renderable(result))
+def print_plan(
+    plan: Plan, probe: ProbeResult | None, origin: str = "probe", console: Console | None = None
+) -> None:
+    """Print the plan in one line, and why (what :func:`autoaccum.fit` shows once it is made)."""
+    text = Text(plan_line(plan, probe, origin))
+    text.stylize("bold", 0, len("plan:"))
+    (console or Console()).print(text, soft_wrap=True)
+
+
+def print_fit_report(
+    result: FitResult, console: Console | None = None, *, full: bool = True
+) -> None:
+    """Print the summary of a :func:`autoaccum.fit` run (``full``: every table too)."""
+    (console or Console()).print(fit_renderable(result, full=full), soft_wrap=not full)
 
 
 def render_text(obj: object, width: int = 100) -> str:

@@ -12,14 +12,14 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from autoaccum import distributed as D
 from autoaccum.device import check_device
-from autoaccum.errors import check_count, check_timeout
+from autoaccum.errors import ConfigError, check_count, check_timeout
 from autoaccum.memory.collect import memory_report
 from autoaccum.memory.explain import explain
 from autoaccum.memory.footprint import footprint
@@ -52,7 +52,7 @@ def fit(
     max_micro: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
-    report: bool = True,
+    report: bool | Literal["full"] = True,
     margin: float = DEFAULT_MARGIN,
     sync: str = "auto",
     timeout: float = 600.0,
@@ -92,6 +92,14 @@ def fit(
     :class:`~autoaccum.train.accumulator.Accumulator`); ``timeout`` (seconds) bounds every
     collective of a process group ``fit`` creates, and of the ranks' exchange group.
 
+    What it prints, on the first rank only: with ``report=True`` (the default) the plan in one
+    line once it is made, and why (what fitted where); at the end a short summary (steps,
+    samples, time, the loss first → last, and any out-of-memory recovery, micro-batch change
+    or sample left out), with memory at the plan where memory was measured (a CUDA device, an
+    emulated one). ``report="full"`` adds the probe's trials, a memory snapshot and the
+    breakdown of memory with the reasons for the plan; ``report=False`` prints nothing.
+    ``progress`` shows a progress bar on a terminal.
+
     ``callbacks`` act along the way (:mod:`autoaccum.train.callbacks`: evaluation, a JSON
     log, checkpoints, or your own; any can stop the run). ``resume`` (a checkpoint file, or
     a directory: its newest readable one) continues a run exactly where the checkpoint left
@@ -110,6 +118,7 @@ def fit(
     if max_micro is not None:
         check_count("max_micro", max_micro)
     check_margin(margin)
+    show = _check_report(report)
     limit = check_timeout(timeout)
     saved, said = resume_from(resume, callbacks) if resume is not None else (None, None)
     wanted = check_device(device) if device is not None else None  # before the model moves
@@ -145,12 +154,16 @@ def fit(
         with train_mode(model), bar:
             planned = saved is not None and run.resume(saved)
             if planned:
-                pass  # the checkpoint's plan, on the device it was probed on
+                origin = "checkpoint"  # its plan, on the device it was probed on
             elif max_micro is not None:
+                origin = "max_micro"
                 acc.replan(max_micro)
             else:  # on the heaviest samples: no later micro-batch needs more memory
+                origin = "probe"
                 acc.probe_data(source)
             _warn_batchnorm(acc)
+            if show is not None and info.is_main:
+                _print_plan(acc, origin)
             run.train()
         assert acc.plan is not None  # planned above
         acc.plan = acc.with_rank_sizes(acc.plan)  # every rank's split, as it ended
@@ -177,14 +190,34 @@ def fit(
             footprint=fixed,
             breakdown=explain(acc.probe_result, acc.plan, fixed, memory),
         )
-        if report and info.is_main:
+        if show is not None and info.is_main:
             from autoaccum.render import print_fit_report
 
-            print_fit_report(result)
+            print_fit_report(result, full=show == "full")
         return result
     finally:
         if acc is not None:
             acc.close()
+
+
+def _check_report(report: object) -> str | None:
+    """What ``report`` asks to be shown: None, "summary" or "full"; a ConfigError otherwise."""
+    if isinstance(report, bool):
+        return "summary" if report else None
+    if isinstance(report, str) and report == "full":
+        return "full"
+    raise ConfigError(
+        f"report must be True (the plan and a short summary), 'full' (every table too) or "
+        f"False (nothing), got {report!r}"
+    )
+
+
+def _print_plan(acc: Accumulator, origin: str) -> None:
+    """The plan in one line, and why, before the first step (the console, rank 0)."""
+    from autoaccum.render import print_plan
+
+    assert acc.plan is not None  # planned by the caller
+    print_plan(acc.plan, acc.probe_result, origin)
 
 
 def _warn_batchnorm(acc: Accumulator) -> None:
