@@ -317,7 +317,7 @@ def test_a_window_iterated_twice_is_an_error_that_applies_nothing() -> None:
     after = snapshot(model)
     with pytest.raises(ConfigError, match="already applied by step"):
         list(window)
-    acc.plan = autoaccum.make_plan(10, 2)  # train_window re-cuts it: still the same window
+    acc.replan(2)  # train_window re-cuts it: still the same window
     with pytest.raises(ConfigError, match="already applied by step"):
         acc.train_window(window)
     assert unchanged(model, after)

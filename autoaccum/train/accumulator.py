@@ -25,11 +25,11 @@ from torch import nn
 from autoaccum import distributed as D
 from autoaccum.errors import check_callable, check_count, check_positive, check_timeout
 from autoaccum.memory.peaks import DEFAULT_MARGIN, check_margin
-from autoaccum.plan import Plan, check_target, make_plan, shares
+from autoaccum.plan import Plan, check_target
 from autoaccum.probing.fastest import check_choose
 from autoaccum.probing.trials import probe
 from autoaccum.results import ProbeResult
-from autoaccum.schedule import Schedule, as_schedule, fingerprint, largest
+from autoaccum.schedule import Schedule, as_schedule, constant, fingerprint
 from autoaccum.step.counting import resolve_loss
 from autoaccum.step.losses import CountFn, LossFn
 from autoaccum.step.model import (
@@ -50,6 +50,7 @@ from autoaccum.train.data.agreed import epoch_windows, warn_larger_than_data
 from autoaccum.train.data.cut import Window
 from autoaccum.train.data.heaviest import SizeFn
 from autoaccum.train.delegate import Delegated
+from autoaccum.train.planner import Planner
 from autoaccum.train.resize import Resizer
 from autoaccum.train.weights import Micro, StepOutcome
 from autoaccum.train.window import TrainWindow, WindowTrainer
@@ -125,7 +126,8 @@ class Accumulator:
             )
             D.check_sync(sync)
             # every rank: the same target and settings, or every rank stops (below, on all)
-            first = fingerprint(self.schedule)  # a schedule's first targets: alike on every rank
+            # the target, or a schedule's first targets: alike on every rank
+            first = constant(self.schedule) or fingerprint(self.schedule)
             settings = dict(target_batch=first, precision=prec, sync=sync, choose=choose)
         except Exception as exc:
             self.ranks.give_up(exc, "setting up the accumulator")
@@ -154,7 +156,9 @@ class Accumulator:
             ranks=self.ranks,
             resizer=Resizer(),
         )
-        self.plan: Plan | None = None
+        self.planner = Planner(
+            self.schedule, self.dist.world_size, self.dist.rank, min_micro(module), self.resizer
+        )
         self.probe_result: ProbeResult | None = None
         self.samples_dropped = 0  #: samples of windows that no micro-batch could hold
         self._source: tuple[Iterable[Any] | WindowSource, WindowSource] | None = None
@@ -172,10 +176,9 @@ class Accumulator:
     precision = Delegated[str]("trainer")
     max_grad_norm = Delegated["float | None"]("trainer")
     sync = Delegated[str]("trainer")
-    resizer = Delegated[Resizer]("trainer")  #: the micro-batch's changes in :meth:`train_window`
-    steps = Delegated[int](
-        "trainer"
-    )  #: optimizer steps taken or attempted (windows stepped so far)
+    resizer = Delegated[Resizer]("trainer")  #: the micro-batch's changes (train_window)
+    steps = Delegated[int]("trainer")  #: optimizer steps taken or attempted
+    plan = Delegated["Plan | None"]("planner")  #: the plan in force
 
     @property
     def forward_model(self) -> nn.Module:
@@ -194,41 +197,14 @@ class Accumulator:
 
     @property
     def share(self) -> int:
-        """This rank's samples of a full window of the largest target (ranks may hold one
-        more or less): no micro-batch needs to hold more."""
-        return shares(largest(self.schedule), self.dist.world_size)[self.dist.rank]
-
-    def plan_for(self, target: int) -> Plan:
-        """The plan for a window of ``target`` samples under the micro-batch ceiling now."""
-        ceiling = self.resizer.current
-        assert ceiling is not None  # planned: replan() set it
-        check_target(target, self.dist.world_size, min_micro=self.min_micro)
-        world, rank = self.dist.world_size, self.dist.rank
-        share = shares(target, world)[rank]
-        plan = make_plan(target, min(ceiling, share), world, min_micro=self.min_micro, rank=rank)
-        if self.plan is not None and plan.micro_sizes == self.plan.micro_sizes:
-            return dataclasses.replace(plan, rank_sizes=self.plan.rank_sizes)
-        return plan
+        return self.planner.share
 
     def replan(self, max_micro: int) -> Plan:
         """Plan with micro-batches of at most ``max_micro`` samples on this rank (no probe);
         every rank calls it, each with its own ceiling if it likes (they learn each other's
         split, :attr:`Plan.rank_sizes <autoaccum.plan.Plan.rank_sizes>`)."""
         check_count("max_micro", max_micro)
-        ceiling = min(max_micro, self.share)
-        self.resizer.current = ceiling
-        if self.resizer.ceiling is None:
-            self.resizer.ceiling = ceiling
-        self.plan = None
-        self.plan = self.with_rank_sizes(self.plan_for(self.target_batch))
-        return self.plan
-
-    def with_rank_sizes(self, plan: Plan) -> Plan:
-        """``plan`` knowing every rank's split (every rank calls it, at the same point)."""
-        point = "planning (every rank's split)"
-        self.ranks.agree(point, where=point)
-        every = tuple(tuple(sizes) for sizes in self.ranks.gather(plan.micro_sizes))
-        return dataclasses.replace(plan, rank_sizes=every if self.ranks.multi else ())
+        return self.planner.replan(max_micro, self.steps, self.ranks)
 
     def probe(self, batch: Any, probed_on: str = "", *, upper: int | None = None) -> Plan:
         """Probe the largest micro-batch that trains, on the real samples of ``batch`` (what
@@ -301,7 +277,7 @@ class Accumulator:
         first = self.steps - skip  # window k of this epoch is optimizer step first + k
         for window in epoch_windows(
             source,
-            lambda k: self.plan_for(self.schedule(first + k)),
+            lambda k: self.planner.plan_for(self.schedule(first + k)),
             epoch,
             ranks=self.ranks,
             skip=skip,
@@ -312,7 +288,7 @@ class Accumulator:
     def epoch_windows(self, source: WindowSource, first: int) -> int | None:
         """How many windows an epoch of ``source`` holds when its first is optimizer step
         ``first`` (a schedule's targets differ along the run); None when not knowable."""
-        return source.num_windows(lambda k: self.plan_for(self.schedule(first + k)))
+        return source.num_windows(lambda k: self.planner.plan_for(self.schedule(first + k)))
 
     def _dropped(self, window: Window) -> None:
         if not window.dropped:
@@ -343,7 +319,7 @@ class Accumulator:
         errors (the window re-run smaller on every rank; the smaller plan kept, grown back
         after a run of clean windows); ``fit`` runs this."""
         target = window.data.target or self.target_batch
-        plan = self.plan_for(target)
+        plan = self.planner.plan_for(target)
         outcome, self.plan = self.trainer.train(window, plan)
         return outcome
 

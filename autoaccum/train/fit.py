@@ -166,7 +166,9 @@ def fit(
                 _print_plan(acc, origin)
             run.train()
         assert acc.plan is not None  # planned above
-        acc.plan = acc.with_rank_sizes(acc.plan)  # every rank's split, as it ended
+        acc.plan = acc.planner.with_rank_sizes(
+            acc.plan, acc.ranks
+        )  # every rank's split, at the end
         memory, fixed = memory_report(dev), footprint(model, acc.optimizer)
         p = run.position
         result = FitResult(

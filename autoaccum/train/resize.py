@@ -152,7 +152,7 @@ class Resizer:
         )
         self._record(step, window, old, new.micro_batch, "oom")
         self.oom_retries += 1
-        self.current = new.micro_batch
+        self.current = new.max_micro  # the ceiling it was made under
         return new
 
     def after_window(self, plan: Plan, window: Window, step: int) -> Plan:

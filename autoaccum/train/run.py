@@ -110,7 +110,7 @@ class Run:
             now = RngState.capture()
             draw = self.source.epoch_state(self.position.epoch)
         states = acc.ranks.gather(encode_random(now, draw))
-        acc.plan = acc.with_rank_sizes(self.plan)  # every rank's split, as it is now
+        acc.plan = acc.planner.with_rank_sizes(self.plan, acc.ranks)  # every rank's split now
         state = acc.state_dict(writer=acc.dist.rank == 0)
         if state is None:  # rank 0 writes
             return None
