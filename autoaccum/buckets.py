@@ -3,13 +3,16 @@
 A transformer has hundreds of parameter tensors, most of them small (biases, norms); one
 all-reduce each is latency-bound. As DDP does, the tensors are packed into contiguous buckets
 of about ``BUCKET_BYTES`` (25 MiB), one dtype and device each, reduced with one collective
-per bucket, all issued before any is waited for, then copied back into the tensors.
+per bucket and copied back into the tensors. A tensor alone in its bucket (one larger than a
+bucket, or every tensor with ``bucket_bytes=0``) is reduced where it is, without a copy.
 
-The buckets are transient: allocated for the collective and freed right after (at most one
-copy of the tensors, while they are reduced). A persistent flat buffer would hold that copy
-for the whole run; it saves only a copy when the gradients are views into it, which needs
-gradients that outlive the window (see benchmarks/RESULTS.md, "Gradient buckets").
-Exactness: every element is summed across ranks exactly as by one collective per tensor.
+Memory: the packed buckets are transient, and at most ``IN_FLIGHT`` (2) of them exist at a
+time: the next bucket is packed while one is on the wire, and the extra memory stays at two
+buckets (50 MiB) whatever the model's size. Issuing every bucket at once would hold one more
+copy of all the gradients during the reduction (which the probe's trials never run), and a
+persistent flat buffer would hold it for the whole run; benchmarks/RESULTS.md ("Gradient
+buckets") has what each costs. Exactness: every element is summed across ranks exactly as
+by one collective per tensor.
 
 Every rank must call with the same tensors (shapes, dtypes, devices, in the same order),
 as it must for one collective per tensor: the buckets are planned from those alone.
@@ -17,19 +20,23 @@ as it must for one collective per tensor: the buckets are planned from those alo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from autoaccum.errors import check_count
 
-__all__ = ["BUCKET_BYTES", "all_reduce_mean", "broadcast_from", "plan_buckets"]
+__all__ = ["BUCKET_BYTES", "IN_FLIGHT", "all_reduce_mean", "broadcast_from", "plan_buckets"]
 
 #: About DDP's ``bucket_cap_mb`` (25 MiB): big enough that the latency of a collective is
 #: small beside its transfer, small enough that the first buckets go out while the next are
 #: being packed.
 BUCKET_BYTES = 25 * 2**20
+#: Packed buckets outstanding at once (see the module's docstring).
+IN_FLIGHT = 2
 
 
 def _dense(tensor: torch.Tensor) -> bool:
@@ -65,57 +72,103 @@ def plan_buckets(
     return sorted(closed, key=lambda bucket: bucket[0])
 
 
-def _flat(members: list[torch.Tensor]) -> torch.Tensor:
-    """What goes to the collective: the tensor itself when it is alone and contiguous (no
-    copy), else a new contiguous buffer holding the members one after another."""
-    if len(members) == 1 and (not _dense(members[0]) or members[0].is_contiguous()):
-        return members[0]
-    return torch.cat([t.reshape(-1) for t in members])
+def _packed(members: list[torch.Tensor]) -> bool:
+    """Whether a bucket goes through a packed copy: not when it is one contiguous (or sparse)
+    tensor, which goes to its collective as it is."""
+    if len(members) > 1:
+        return True
+    return _dense(members[0]) and not members[0].is_contiguous()
 
 
 def _unpack(flat: torch.Tensor, members: list[torch.Tensor]) -> None:
-    """Copy a bucket's result back into its members (nothing to do when it was the member)."""
-    if flat is members[0]:
-        return
+    """Copy a packed bucket's result back into its members."""
     parts = torch.split(flat, [t.numel() for t in members])
     torch._foreach_copy_(members, [p.view(t.shape) for p, t in zip(parts, members, strict=True)])
 
 
-def all_reduce_mean(
-    tensors: Sequence[torch.Tensor], world_size: int, bucket_bytes: int = BUCKET_BYTES
-) -> None:
-    """Average ``tensors`` over the ``world_size`` ranks in place: the sum of every bucket
-    (one all-reduce each, issued together, waited together), divided by ``world_size``."""
-    plan = plan_buckets(tensors, bucket_bytes)
-    world = check_count("world_size", world_size)
-    buckets = [[tensors[i] for i in bucket] for bucket in plan]
-    flats = [_flat(members) for members in buckets]
-    works = [dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True) for flat in flats]
-    for work in works:
+def _run(
+    tensors: Sequence[torch.Tensor],
+    bucket_bytes: int,
+    issue: Callable[[torch.Tensor], Any],
+    finish: Callable[[torch.Tensor, list[torch.Tensor]], None],
+    in_flight: int,
+) -> list[torch.Tensor]:
+    """Issue ``issue(flat)`` for every bucket in order, at most ``in_flight`` packed ones
+    outstanding; each packed bucket is waited for and ``finish``-ed (oldest first) before the
+    next is packed when there is no room, the rest at the end. Returns the tensors that went
+    as they were (their collective is complete)."""
+    pending: deque[tuple[torch.Tensor, list[torch.Tensor], Any]] = deque()
+    as_is: list[torch.Tensor] = []
+    packed = 0
+
+    def settle() -> None:
+        nonlocal packed
+        flat, members, work = pending.popleft()
         if work is not None:
             work.wait()
-    dense = [flat for flat in flats if _dense(flat)]
-    if dense:
-        torch._foreach_div_(dense, float(world))
-    for flat in flats:
-        if not _dense(flat):
-            flat.div_(float(world))
-    for flat, members in zip(flats, buckets, strict=True):
+        if _packed(members):
+            packed -= 1
+            finish(flat, members)
+        else:
+            as_is.append(flat)
+
+    for bucket in plan_buckets(tensors, bucket_bytes):
+        members = [tensors[i] for i in bucket]
+        if not _packed(members):
+            pending.append((members[0], members, issue(members[0])))
+            continue
+        while packed >= in_flight:
+            settle()
+        flat = torch.cat([t.reshape(-1) for t in members])
+        packed += 1
+        pending.append((flat, members, issue(flat)))
+    while pending:
+        settle()
+    return as_is
+
+
+def all_reduce_mean(
+    tensors: Sequence[torch.Tensor],
+    world_size: int,
+    bucket_bytes: int = BUCKET_BYTES,
+    *,
+    in_flight: int = IN_FLIGHT,
+) -> None:
+    """Average ``tensors`` over the ``world_size`` ranks in place: the sum of every bucket
+    (one all-reduce each, asynchronous), divided by ``world_size``."""
+    world = float(check_count("world_size", world_size))
+    check_count("bucket_bytes", bucket_bytes, minimum=0)
+    check_count("in_flight", in_flight)
+
+    def issue(flat: torch.Tensor) -> Any:
+        return dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)
+
+    def finish(flat: torch.Tensor, members: list[torch.Tensor]) -> None:
+        flat.div_(world)
         _unpack(flat, members)
+
+    as_is = _run(tensors, bucket_bytes, issue, finish, in_flight)
+    dense = [t for t in as_is if _dense(t)]
+    if dense:
+        torch._foreach_div_(dense, world)
+    for tensor in as_is:
+        if not _dense(tensor):
+            tensor.div_(world)
 
 
 def broadcast_from(
     tensors: Sequence[torch.Tensor], src: int = 0, bucket_bytes: int = BUCKET_BYTES
 ) -> None:
     """Give every rank rank ``src``'s values of ``tensors``, in place, one broadcast per
-    bucket (issued together, waited together)."""
-    plan = plan_buckets(tensors, bucket_bytes)
-    buckets = [[tensors[i] for i in bucket] for bucket in plan]
-    flats = [_flat(members) for members in buckets]
-    works = [dist.broadcast(flat, src=src, async_op=True) for flat in flats]
-    for work in works:
-        if work is not None:
-            work.wait()
-    if dist.get_rank() != src:
-        for flat, members in zip(flats, buckets, strict=True):
+    bucket (asynchronous)."""
+    check_count("bucket_bytes", bucket_bytes, minimum=0)
+    receive = dist.get_rank() != src
+
+    def issue(flat: torch.Tensor) -> Any:
+        return dist.broadcast(flat, src=src, async_op=True)
+
+    def finish(flat: torch.Tensor, members: list[torch.Tensor]) -> None:
+        if receive:
             _unpack(flat, members)
+
+    _run(tensors, bucket_bytes, issue, finish, IN_FLIGHT)

@@ -22,7 +22,7 @@ from dist_workers.common import WORLD
 from torch import nn
 
 from autoaccum import distributed as D
-from autoaccum.buckets import BUCKET_BYTES, plan_buckets
+from autoaccum.buckets import BUCKET_BYTES, _run, plan_buckets
 from autoaccum.errors import ConfigError
 
 pytestmark = pytest.mark.xdist_group("buckets")  # one launch, on one xdist worker
@@ -54,6 +54,41 @@ def test_zero_bytes_is_one_bucket_per_tensor_and_sparse_tensors_are_never_packed
     assert plan_buckets([t(1), t(1), t(1)], 0) == [[0], [1], [2]]
     assert plan_buckets([t(1), sparse, t(1)], BUCKET_BYTES) == [[0, 2], [1]]
     assert plan_buckets([]) == []
+
+
+class _Work:
+    def __init__(self, log: list[tuple[str, int]], n: int) -> None:
+        self.log, self.n = log, n
+
+    def wait(self) -> None:
+        self.log.append(("wait", self.n))
+
+
+def test_at_most_in_flight_packed_buckets_exist_at_once() -> None:
+    """The schedule alone (no process group): a bucket is packed only when fewer than
+    ``in_flight`` packed ones are outstanding; tensors that go as they are never wait."""
+    log: list[tuple[str, int]] = []
+    tensors = [t(2), t(2), t(100), t(2), t(2), t(2), t(2), t(2), t(2)]  # 8 bytes a bucket
+
+    def issue(flat: torch.Tensor) -> _Work:
+        log.append(("issue", flat.numel()))
+        return _Work(log, len(log))
+
+    def finish(flat: torch.Tensor, members: list[torch.Tensor]) -> None:
+        log.append(("finish", len(members)))
+
+    as_is = _run(tensors, 16, issue, finish, in_flight=2)
+    assert [x.numel() for x in as_is] == [100]  # alone over the cap: reduced where it is
+    outstanding = most = 0
+    for kind, n in log:
+        if kind == "issue" and n == 4:
+            outstanding += 1
+            most = max(most, outstanding)
+        elif kind == "finish":
+            outstanding -= 1
+    assert most == 2
+    assert [k for k, _ in log].count("finish") == 4  # every packed bucket copied back
+    assert log[:4] == [("issue", 4), ("issue", 100), ("issue", 4), ("wait", 1)]
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "25MiB", None])
