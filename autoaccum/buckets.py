@@ -7,12 +7,12 @@ per bucket and copied back into the tensors. A tensor alone in its bucket (one l
 bucket, or every tensor with ``bucket_bytes=0``) is reduced where it is, without a copy.
 
 Memory: the packed buckets are transient, and at most ``IN_FLIGHT`` (2) of them exist at a
-time: the next bucket is packed while one is on the wire, and the extra memory stays at two
-buckets (50 MiB) whatever the model's size. Issuing every bucket at once would hold one more
-copy of all the gradients during the reduction (which the probe's trials never run), and a
-persistent flat buffer would hold it for the whole run; benchmarks/RESULTS.md ("Gradient
-buckets") has what each costs. Exactness: every element is summed across ranks exactly as
-by one collective per tensor.
+time, in two buffers reused from bucket to bucket: the next bucket is packed while one is on
+the wire, and the extra memory stays at two buckets (50 MiB) whatever the model's size.
+Issuing every bucket at once would hold one more copy of all the gradients during the
+reduction (which the probe's trials never run), and a persistent flat buffer would hold it
+for the whole run; benchmarks/RESULTS.md ("Gradient buckets") has what each costs.
+Exactness: every element is summed across ranks exactly as by one collective per tensor.
 
 Every rank must call with the same tensors (shapes, dtypes, devices, in the same order),
 as it must for one collective per tensor: the buckets are planned from those alone.
@@ -86,6 +86,10 @@ def _unpack(flat: torch.Tensor, members: list[torch.Tensor]) -> None:
     torch._foreach_copy_(members, [p.view(t.shape) for p, t in zip(parts, members, strict=True)])
 
 
+def _nbytes(members: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in members)
+
+
 def _run(
     tensors: Sequence[torch.Tensor],
     bucket_bytes: int,
@@ -96,32 +100,48 @@ def _run(
     """Issue ``issue(flat)`` for every bucket in order, at most ``in_flight`` packed ones
     outstanding; each packed bucket is waited for and ``finish``-ed (oldest first) before the
     next is packed when there is no room, the rest at the end. Returns the tensors that went
-    as they were (their collective is complete)."""
-    pending: deque[tuple[torch.Tensor, list[torch.Tensor], Any]] = deque()
+    as they were (their collective is complete).
+
+    The packed buckets go through at most ``in_flight`` byte buffers per device, each as
+    large as the largest bucket and reused for bucket after bucket (any dtype): the pages
+    are touched once per call, not once per bucket (on the CPU, fresh pages cost more than
+    the copy)."""
+    buckets = [[tensors[i] for i in bucket] for bucket in plan_buckets(tensors, bucket_bytes)]
+    largest: dict[torch.device, int] = {}
+    for members in buckets:
+        if _packed(members):
+            device = members[0].device
+            largest[device] = max(largest.get(device, 0), _nbytes(members))
+    spare: dict[torch.device, list[torch.Tensor]] = {device: [] for device in largest}
+    pending: deque[tuple[torch.Tensor, list[torch.Tensor], Any, torch.Tensor | None]] = deque()
     as_is: list[torch.Tensor] = []
     packed = 0
 
     def settle() -> None:
         nonlocal packed
-        flat, members, work = pending.popleft()
+        flat, members, work, raw = pending.popleft()
         if work is not None:
             work.wait()
-        if _packed(members):
-            packed -= 1
-            finish(flat, members)
-        else:
+        if raw is None:
             as_is.append(flat)
+            return
+        packed -= 1
+        finish(flat, members)
+        spare[raw.device].append(raw)
 
-    for bucket in plan_buckets(tensors, bucket_bytes):
-        members = [tensors[i] for i in bucket]
+    for members in buckets:
         if not _packed(members):
-            pending.append((members[0], members, issue(members[0])))
+            pending.append((members[0], members, issue(members[0]), None))
             continue
         while packed >= in_flight:
             settle()
-        flat = torch.cat([t.reshape(-1) for t in members])
+        device, dtype = members[0].device, members[0].dtype
+        free = spare[device]
+        raw = free.pop() if free else torch.empty(largest[device], dtype=torch.uint8, device=device)
+        flat = raw[: _nbytes(members)].view(dtype)
+        torch.cat([t.reshape(-1) for t in members], out=flat)
         packed += 1
-        pending.append((flat, members, issue(flat)))
+        pending.append((flat, members, issue(flat), raw))
     while pending:
         settle()
     return as_is

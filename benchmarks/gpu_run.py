@@ -79,17 +79,15 @@ def parts(args: argparse.Namespace) -> list[Part]:
         """Fresh runs of the bracket at most, and steps at the choice (tiny: as few as run)."""
         return ["--max-fresh-runs", str(runs), "--choice-steps", str(choice)]
 
+    gpu_tests = ["pytest", "-m", "gpu", "-n", "0", "-q", "-p", "no:cacheprovider"]
+    throughput = ["benchmarks.bench_throughput", "--workloads", "gpt2", "--caps", "24GiB"]
+    overhead = ["benchmarks.bench_overhead", "--workloads", "gpt2,mlp" if t else "gpt2"]
+    # slots: shares of the budget, sized from the 2026-11-25 H100 process times (README)
     return [
-        Part(
-            "1-gpu-tests",
-            0.11,
-            ["pytest", "-m", "gpu", "-n", "0", "-q", "-p", "no:cacheprovider"]
-            + (["tests/test_gpu.py"] if t else []),  # the one file with GPU tests: quicker
-            deadline_flag=False,
-        ),
+        Part("1-gpu-tests", 0.12, gpu_tests + (["tests/test_gpu.py"] if t else []), {}, False),
         Part(
             "2-probe-default",
-            0.27,
+            0.32,
             [
                 *probe,
                 "--workloads",
@@ -101,33 +99,27 @@ def parts(args: argparse.Namespace) -> list[Part]:
         ),
         Part(
             "2-probe-expandable",
-            0.15,
-            [*probe, "--workloads", "gpt2", "--tools", "autoaccum", *bounds(0 if t else 5, 0)],
+            0.13,
+            [*probe, "--workloads", "gpt2", "--tools", "autoaccum", *bounds(0 if t else 3, 0)],
             env=expandable(dict(os.environ)),
         ),
         Part(
             "3-probe-hf-gpt2",
-            0.22,
+            0.23,
             [
                 *probe,
                 "--workloads",
                 "hf-gpt2",
                 "--tools",
                 peers,
-                *bounds(0 if t else 6, 0 if t else 100),
+                *bounds(0 if t else 5, 0 if t else 200),
             ],
         ),
-        Part(
-            "4-throughput",
-            0.17,
-            ["benchmarks.bench_throughput", "--workloads", "gpt2", "--caps", "24GiB", *tiny]
-            + (["--windows", "1"] if t else []),
-        ),
+        Part("4-throughput", 0.14, [*throughput, *tiny, "--windows", "1" if t else "2"]),
         Part(
             "5-overhead",
-            0.08,
-            ["benchmarks.bench_overhead", "--workloads", "gpt2,mlp", *tiny]
-            + (["--steps", "4", "--warmup", "1", "--repeats", "1"] if t else []),
+            0.06,
+            [*overhead, *tiny] + (["--steps", "4", "--warmup", "1", "--repeats", "1"] if t else []),
         ),
     ]
 

@@ -34,6 +34,7 @@ from benchmarks.varlen import LengthSpec, VarLenTokens, count_targets, lm_loss, 
 
 __all__ = [
     "CAPS",
+    "DEFAULT_WORKLOADS",
     "REQUIRES",
     "WORKLOADS",
     "MemoryBudget",
@@ -294,6 +295,10 @@ WORKLOADS: dict[str, Callable[[bool], Workload]] = {
     "varlen-gpt2": _varlen_gpt2,
     "mlp": _mlp,
 }
+
+
+#: what a benchmark runs when not told: all but the MLP, which only bench_overhead uses
+DEFAULT_WORKLOADS = tuple(name for name in WORKLOADS if name != "mlp")
 
 
 def missing(name: str) -> str | None:

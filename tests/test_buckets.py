@@ -70,8 +70,12 @@ def test_at_most_in_flight_packed_buckets_exist_at_once() -> None:
     log: list[tuple[str, int]] = []
     tensors = [t(2), t(2), t(100), t(2), t(2), t(2), t(2), t(2), t(2)]  # 8 bytes a bucket
 
+    buffers: set[int] = set()
+
     def issue(flat: torch.Tensor) -> _Work:
         log.append(("issue", flat.numel()))
+        if flat.numel() == 4:  # packed: through one of the reused buffers
+            buffers.add(flat.untyped_storage().data_ptr())
         return _Work(log, len(log))
 
     def finish(flat: torch.Tensor, members: list[torch.Tensor]) -> None:
@@ -87,6 +91,7 @@ def test_at_most_in_flight_packed_buckets_exist_at_once() -> None:
         elif kind == "finish":
             outstanding -= 1
     assert most == 2
+    assert len(buffers) == 2  # 4 packed buckets through 2 buffers, allocated once
     assert [k for k, _ in log].count("finish") == 4  # every packed bucket copied back
     assert log[:4] == [("issue", 4), ("issue", 100), ("issue", 4), ("wait", 1)]
 
