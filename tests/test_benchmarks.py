@@ -337,6 +337,9 @@ def test_window_clock_marks_every_step_without_syncing() -> None:
     assert len(clock.marks) == 5
     assert len(clock.step_seconds(warmup=2)) == 3
     assert clock.total_seconds(warmup=2) == pytest.approx(sum(clock.step_seconds(2)))
+    cpu = clock.step_cpu_seconds(warmup=2)  # the thread's CPU time: what load leaves out
+    assert len(cpu) == 3
+    assert all(t >= 0 for t in cpu)
 
 
 # --------------------------------------------------------------------------- workloads
