@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autoaccum.errors import ConfigError, DistributedError
+from autoaccum.buckets import BUCKET_BYTES, all_reduce_mean, broadcast_from
+from autoaccum.errors import ConfigError, DistributedError, check_count
 from autoaccum.rendezvous import join
 
 __all__ = [
@@ -252,15 +253,20 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def reduce_gradients(module: nn.Module, info: DistInfo) -> None:
+def reduce_gradients(
+    module: nn.Module, info: DistInfo, *, bucket_bytes: int = BUCKET_BYTES
+) -> None:
     """Average every trainable parameter's gradient over the ranks, in place, the way DDP's
     reduction would (a parameter without a gradient on a rank counts as zeros there).
 
     Used when a window's micro-steps all ran without gradient sync and the ranks have agreed
     that every one of them succeeded: no rank can be left inside a half-done reduction. The
-    all-reduces are issued together and waited for together; nothing new is allocated
-    beyond the zero gradients of parameters that had none.
+    gradients go in flat buckets of about ``bucket_bytes`` per dtype (:mod:`autoaccum.buckets`;
+    ``0``: one all-reduce per parameter), all issued together and waited for together; the
+    buckets are freed once copied back. Beyond them, only the zero gradients of parameters
+    that had none are allocated.
     """
+    check_count("bucket_bytes", bucket_bytes, minimum=0)
     if not info.active or info.world_size == 1:
         return
     grads = []
@@ -270,21 +276,20 @@ def reduce_gradients(module: nn.Module, info: DistInfo) -> None:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         grads.append(param.grad)
-    works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
-    for work in works:
-        if work is not None:
-            work.wait()
-    if grads:
-        torch._foreach_div_(grads, float(info.world_size))
+    all_reduce_mean(grads, info.world_size, bucket_bytes)
 
 
-def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
+def broadcast_buffers(
+    module: nn.Module, info: DistInfo, *, bucket_bytes: int = BUCKET_BYTES
+) -> None:
     """Give every rank rank 0's buffers (BatchNorm statistics), as DDP's ``broadcast_buffers``
-    does before each forward; called once per window, after the window succeeded."""
+    does before each forward; called once per window, after the window succeeded. The
+    buffers go in flat buckets per dtype, one broadcast each (``bucket_bytes=0``: one per
+    buffer)."""
+    check_count("bucket_bytes", bucket_bytes, minimum=0)
     if not info.active or info.world_size == 1:
         return
-    for buffer in module.buffers():
-        dist.broadcast(buffer, src=0)
+    broadcast_from(list(module.buffers()), 0, bucket_bytes)
 
 
 def check_sync(sync: object) -> str:

@@ -143,7 +143,7 @@ def stable_search(
     )
     choice: dict[str, Any] = {"steps": args.choice_steps, "ran": None}
     aa = tools.get("autoaccum", {})
-    if aa.get("status") == "ok":
+    if aa.get("status") == "ok" and args.choice_steps > 0:  # 0: not run (gpu_run's short parts)
         size = int(aa["micro_batch"])
         choice["size"] = size
         known, _ = bracket.survives(size)
@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tools", type=lambda v: v.split(","), default=list(TOOLS))
     p.add_argument("--fresh-steps", type=int, default=50, help="steps a size must train (N)")
     p.add_argument("--fresh-accum", type=int, default=2, help="micro-batches per fresh step")
-    p.add_argument("--choice-steps", type=int, default=CHOICE_STEPS, help="steps at the choice")
+    p.add_argument(
+        "--choice-steps", type=int, default=CHOICE_STEPS, help="steps at the choice (0: none)"
+    )
     p.add_argument("--max-fresh-runs", type=int, default=16, help="bracket runs per setting")
     p.add_argument("--grow", type=float, default=0.02, help="first step up past the top, ×size")
     p.add_argument("--tool-timeout", type=float, default=300.0, help="seconds per tool process")

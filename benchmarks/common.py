@@ -26,7 +26,7 @@ try:  # the package's one place that resolves a CUDA index (it moved during issu
     from autoaccum.device import cuda_index
 except ImportError:  # pragma: no cover - the earlier layout
     from autoaccum.probing.device import cuda_index  # type: ignore[no-redef]
-from benchmarks.workloads import CAPS, WORKLOADS, missing
+from benchmarks.workloads import CAPS, DEFAULT_WORKLOADS, WORKLOADS, missing
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "out"
@@ -187,7 +187,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, caps: str = "24GiB,uncap
     parser.add_argument(
         "--workloads",
         type=csv,
-        default=list(WORKLOADS),
+        default=list(DEFAULT_WORKLOADS),
         help="comma-separated, from " + ",".join(WORKLOADS),
     )
     parser.add_argument(

@@ -53,6 +53,7 @@ class WindowClock:
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.device = device
         self.marks: list[Any] = []
+        self.cpu_marks: list[float] = []  #: this thread's CPU time at each mark (CPU only)
         self._handle = optimizer.register_step_post_hook(self._hook)
 
     def _hook(self, *_: object) -> None:
@@ -62,6 +63,7 @@ class WindowClock:
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.thread_time())
 
     def close(self) -> None:
         self._handle.remove()
@@ -73,6 +75,13 @@ class WindowClock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(ends)]
+        return [b - a for a, b in itertools.pairwise(ends)]
+
+    def step_cpu_seconds(self, warmup: int) -> list[float]:
+        """On the CPU, the CPU time this thread spent in each step after ``warmup``: with one
+        intra-op thread all of a step's work, and none of the time other processes of a
+        shared machine took the core (empty on CUDA)."""
+        ends = self.cpu_marks[max(1, warmup) - 1 :]
         return [b - a for a, b in itertools.pairwise(ends)]
 
     def total_seconds(self, warmup: int) -> float | None:

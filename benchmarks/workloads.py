@@ -7,6 +7,8 @@
   the reason, where its package is not installed (:func:`missing`); neither is required.
 * ``varlen-gpt2``: the GPT-2 shape on variable-length text (:mod:`benchmarks.varlen`):
   a map-style dataset, padded per micro-batch by a ``collate_fn``, a token-level loss.
+* ``mlp``: a 3-layer MLP (width 1024; tiny 256) on random features, SGD: little compute
+  per sample, so a loop's own cost on the host shows (bench_overhead).
 
 All train under bf16 autocast on CUDA (each tool opens it its own way). ``tiny=True``
 gives CPU-sized versions for the smoke tests, wrapped in :class:`MemoryBudget`, which
@@ -32,6 +34,7 @@ from benchmarks.varlen import LengthSpec, VarLenTokens, count_targets, lm_loss, 
 
 __all__ = [
     "CAPS",
+    "DEFAULT_WORKLOADS",
     "REQUIRES",
     "WORKLOADS",
     "MemoryBudget",
@@ -238,6 +241,40 @@ def _varlen_gpt2(tiny: bool) -> Workload:
     )
 
 
+def _mlp(tiny: bool) -> Workload:
+    """A 3-layer MLP on random features (bench_sync's model): little compute per sample, so
+    what a loop costs on the host shows."""
+    width, classes = (256, 10) if tiny else (1024, 10)
+
+    def make_batch(size: int, device: torch.device, seed: int) -> Batch:
+        g = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(size, width, device=device, generator=g)
+        return x, torch.randint(0, classes, (size,), device=device, generator=g)
+
+    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y)
+
+    return Workload(
+        name="mlp",
+        tiny=tiny,
+        build_model=lambda: nn.Sequential(
+            nn.Linear(width, width),
+            nn.GELU(),
+            nn.Linear(width, width),
+            nn.GELU(),
+            nn.Linear(width, classes),
+        ),
+        make_batch=make_batch,
+        loss_fn=loss,
+        make_optimizer=sgd,
+        upper=256 if tiny else 8192,
+        target_batch=64 if tiny else 2048,
+        overhead_micro=16 if tiny else 256,
+        tiny_budgets={"24GiB": 24, "uncapped": 60},
+    )
+
+
 def _hf_gpt2(tiny: bool) -> Workload:
     from benchmarks.real_models import hf_gpt2
 
@@ -256,7 +293,12 @@ WORKLOADS: dict[str, Callable[[bool], Workload]] = {
     "hf-gpt2": _hf_gpt2,
     "tv-resnet50": _tv_resnet50,
     "varlen-gpt2": _varlen_gpt2,
+    "mlp": _mlp,
 }
+
+
+#: what a benchmark runs when not told: all but the MLP, which only bench_overhead uses
+DEFAULT_WORKLOADS = tuple(name for name in WORKLOADS if name != "mlp")
 
 
 def missing(name: str) -> str | None:

@@ -13,7 +13,6 @@ from helpers import mlp
 from torch import nn
 from torch.nn import functional as F
 
-import autoaccum
 from autoaccum import Accumulator, ConfigError, NonFiniteLossError
 from autoaccum.step.batches import split_batch
 from autoaccum.train.data.cut import Window

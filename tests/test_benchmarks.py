@@ -11,6 +11,9 @@ import importlib
 import importlib.util
 import io
 import json
+import subprocess
+import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 from types import ModuleType
@@ -334,6 +337,9 @@ def test_window_clock_marks_every_step_without_syncing() -> None:
     assert len(clock.marks) == 5
     assert len(clock.step_seconds(warmup=2)) == 3
     assert clock.total_seconds(warmup=2) == pytest.approx(sum(clock.step_seconds(2)))
+    cpu = clock.step_cpu_seconds(warmup=2)  # the thread's CPU time: what load leaves out
+    assert len(cpu) == 3
+    assert all(t >= 0 for t in cpu)
 
 
 # --------------------------------------------------------------------------- workloads
@@ -510,19 +516,117 @@ def test_run_all_tiny_writes_the_summary_with_every_target(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_bench_sync_runs_both_reductions_on_two_gloo_ranks(tmp_path: Path) -> None:
-    """Deferred and overlapped gradient sync, timed on 2 CPU processes (a smoke run)."""
-    from benchmarks import bench_sync
+def test_bench_sync_times_the_reductions_and_the_windows_on_two_gloo_ranks(
+    tmp_path: Path,
+) -> None:
+    """Per parameter, in buckets and DDP's overlap, on 2 CPU processes (a smoke run), in a
+    process of its own bounded by a timeout (it spawns the ranks)."""
+    argv = ["--tiny", "--variants", "--models", "blocks,mlp1024", "--steps", "2"]
+    argv += ["--warmup", "1", "--repeats", "1", "--reduce-reps", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_sync", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_sync.json").read_text())
+    assert (data["backend"], data["config"]["world"]) == ("gloo", 2)
+    blocks, mlp = data["models"]
+    assert (blocks["model"], blocks["tensors"], mlp["tensors"]) == ("blocks", 40, 6)
+    for m in (blocks, mlp):
+        assert set(m["reduction_median_s"]) == {
+            "per_parameter",
+            "bucketed",
+            "all_at_once",
+            "persistent",
+            "views",
+        }
+        assert set(m["window_median_s"]) == {"per_parameter", "bucketed", "overlap"}
+        assert len(m["window_s"]["overlap"]) == 2  # the steps after warm-up, one run
+        win = m["window_median_s"]
+        assert m["window_bucketed_over_overlap"] == pytest.approx(win["bucketed"] / win["overlap"])
+    assert "| blocks | 40 |" in proc.stdout
 
-    out = tmp_path / "sync.json"
-    assert (
-        bench_sync.main(
-            ["--world", "2", "--width", "32", "--target", "8", "--steps", "2", "--out", str(out)]
-        )
-        == 0
+
+# --------------------------------------------------------------------------- the GPU run
+
+
+def test_gpu_run_adds_expandable_segments_to_the_users_allocator_settings() -> None:
+    gpu_run = bench("gpu_run")
+    on = "expandable_segments:True"
+    assert gpu_run.expandable({}) == {"PYTORCH_CUDA_ALLOC_CONF": on}
+    assert gpu_run.expandable({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}) == {
+        "PYTORCH_CUDA_ALLOC_CONF": f"max_split_size_mb:128,{on}"
+    }
+    # torch's newer name, and a user's own choice of expandable segments, kept as they are
+    mine = {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}
+    assert gpu_run.expandable(mine) == mine
+
+
+def _gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (exited, or a zombie nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_gpu_run_stops_a_part_at_the_end_of_its_slot_with_what_it_started(
+    tmp_path: Path,
+) -> None:
+    gpu_run = bench("gpu_run")
+    pid_file = tmp_path / "child.pid"
+    part = gpu_run.Part(
+        "slow",
+        1.0,
+        ["gpu_run_sleeper", str(pid_file)],
+        env={"PYTHONPATH": str(Path(__file__).parent)},
+        deadline_flag=False,
     )
-    record = json.loads(out.read_text())
-    assert set(record["seconds_per_window"]) == {"overlap", "deferred"}
-    assert record["deferred_over_overlap"] == pytest.approx(
-        record["seconds_per_window"]["deferred"] / record["seconds_per_window"]["overlap"]
+    start = time.monotonic()
+    record = gpu_run.run_part(part, tmp_path, time.time() + 3)
+    assert (record["rc"], record["stopped"]) == (None, True)
+    assert time.monotonic() - start < 15
+    child = int(pid_file.read_text())  # the part's own child: stopped with it
+    until = time.monotonic() + 10
+    while not _gone(child) and time.monotonic() < until:
+        time.sleep(0.05)
+    assert _gone(child)
+
+
+@pytest.mark.slow
+def test_gpu_run_tiny_runs_every_part_in_order_within_its_slot(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_run.py"), "--tiny", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
     )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_run.json").read_text())
+    parts = report["parts"]
+    assert [p["part"] for p in parts] == [
+        "1-gpu-tests",
+        "2-probe-default",
+        "2-probe-expandable",
+        "3-probe-hf-gpt2",
+        "4-throughput",
+        "5-overhead",
+    ]
+    assert [(p["rc"], p["stopped"]) for p in parts] == [(0, False)] * 6
+    ends = [p["slot_end"] for p in parts]
+    assert ends == sorted(ends)
+    assert ends[-1] <= report["budget_s"]
+    assert "expandable_segments:True" in json.dumps(parts[2]["env"])
+    assert (tmp_path / "1-gpu-tests" / "junit.xml").exists()
+    # the fault-injected limit, bracketed exactly in the default allocator's fresh runs
+    table = (tmp_path / "2-allocator.md").read_text()
+    assert "| default | 15 (first fail 16) | 15 | 16 | 14 |" in table
+    targets = (tmp_path / "targets.md").read_text()
+    assert "fit ≤ 1.01× the hand-written loop" in targets
+    assert "chosen plan's samples/s" in targets

@@ -32,6 +32,7 @@ BOTTOM = (
     "snapshot",
     "formats",
     "distributed",
+    "buckets",
     "rendezvous",
     "device",
     "errors",
