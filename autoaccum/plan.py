@@ -17,6 +17,7 @@ __all__ = [
     "equal_plan",
     "even_split",
     "make_plan",
+    "packed_plan",
     "plans_of",
     "shares",
 ]
@@ -70,6 +71,11 @@ class Plan:
     min_micro: int = 1
     rank: int = 0
     rank_sizes: tuple[tuple[int, ...], ...] = ()
+    #: with ``target_tokens``: the window's loss tokens (over all ranks) and the micro-batches'
+    #: budget in padded tokens; ``micro_sizes`` are then this rank's samples per micro-batch in
+    #: a window (packed by length), ``target_batch`` their sum
+    tokens: int = 0
+    budget: int = 0
 
     @property
     def per_rank(self) -> int:
@@ -96,6 +102,11 @@ class Plan:
     def describe(self) -> str:
         """One line, e.g. ``target_batch 256 = 86+85+85 (accum_iter 3) × 1 rank``, or, where
         the ranks' splits differ, ``target_batch 10 = rank 0: 3+2, rank 1: 5``."""
+        if self.tokens:
+            return (
+                f"target_tokens {self.tokens} = micro-batches of at most {self.budget:,} padded "
+                f"tokens (here {_sizes(self.micro_sizes)} samples)"
+            )
         every = self.rank_sizes or self._every_rank()
         if len(set(every)) > 1:
             split = ", ".join(f"rank {r}: {_sizes(s)}" for r, s in enumerate(every))
@@ -140,6 +151,8 @@ class Plan:
             "min_micro": self.min_micro,
             "rank": self.rank,
             "rank_sizes": [list(s) for s in self.rank_sizes],
+            "tokens": self.tokens,
+            "budget": self.budget,
         }
 
 
@@ -158,6 +171,23 @@ def plans_of(plans: Plan | Plans) -> Plans:
     if isinstance(plans, Plan):
         return lambda index: plans
     return plans
+
+
+def packed_plan(sizes: tuple[int, ...], tokens: int, budget: int, min_micro: int = 1) -> Plan:
+    """One rank's plan of a window of ``tokens`` loss tokens whose samples were packed into
+    micro-batches of ``sizes`` under ``budget`` padded tokens (none: one empty micro-step)."""
+    sizes = sizes or (0,)
+    return Plan(
+        target_batch=max(1, sum(sizes)),
+        world_size=1,
+        micro_batch=max(1, max(sizes)),
+        accum_iter=len(sizes),
+        micro_sizes=sizes,
+        max_micro=max(1, max(sizes)),
+        min_micro=min_micro,
+        tokens=tokens,
+        budget=budget,
+    )
 
 
 def _nearest(value: int, ok: list[int]) -> str:

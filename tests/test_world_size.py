@@ -28,7 +28,7 @@ BOUND = 240.0  #: seconds for one launch before it counts as a hang
 TOL = 1e-12
 #: (world size, jobs), in order: a checkpoint is resumed by a later launch on another world size
 LAUNCHES: tuple[tuple[int, tuple[str, ...]], ...] = (
-    (3, ("loader", "shuffled", "straight", "stopped")),
+    (3, ("loader", "shuffled", "straight", "stopped", "tokens")),
     (
         2,
         (
@@ -41,10 +41,24 @@ LAUNCHES: tuple[tuple[int, tuple[str, ...]], ...] = (
             "resume3",
             "own_micro",
             "own_probe",
+            "tokens",
         ),
     ),
     (3, ("resume2",)),
-    (1, ("loader", "shuffled", "order3", "order4", "straight", "resume2", "resume3", "own_micro")),
+    (
+        1,
+        (
+            "loader",
+            "shuffled",
+            "order3",
+            "order4",
+            "straight",
+            "resume2",
+            "resume3",
+            "own_micro",
+            "tokens",
+        ),
+    ),
 )
 
 
@@ -135,3 +149,16 @@ def test_each_rank_plans_under_its_own_ceiling_and_trains_exactly(saved: Path) -
             assert out["rank_sizes"] == ((3, 2), (5,))
             assert out["describe"] == "target_batch 10 = rank 0: 3+2, rank 1: 5 × 1"
     assert [load(saved, "own_probe", 2, r)["max_micro"] for r in (0, 1)] == [3, 5]
+
+
+def test_a_token_budget_is_the_same_on_one_two_and_three_ranks(saved: Path) -> None:
+    """20 loss tokens a step (a row split where a window ends inside it), the ranks sharing
+    each window's tokens as evenly as its rows allow: every step holds exactly 20 tokens over
+    all ranks, and 1, 2 and 3 ranks land on the same parameters."""
+    one = load(saved, "tokens", 1)
+    assert one["items"][:7] == [20.0 * k for k in range(1, 8)]
+    for world in (2, 3):
+        for rank in range(world):
+            out = load(saved, "tokens", world, rank)
+            assert out["items"] == one["items"], (world, rank)
+            assert rel(out["params"], one["params"]) < TOL, (world, rank)

@@ -10,7 +10,9 @@ the test compares to ``OUTDIR/<job>-rank<R>.pt``. Jobs:
 * ``straight``: 7 steps; ``stopped``: the same run stopped after 3 with a checkpoint in
   ``OUTDIR/ckpt-<world>``; ``resume<N>``: resume the checkpoint taken on N ranks to 7 steps;
 * ``own_micro``: rank 0 with max_micro 3, rank 1 with 5; ``own_probe``: the probe finds 3 on
-  rank 0 and 5 on rank 1 (an emulated out-of-memory error above them).
+  rank 0 and 5 on rank 1 (an emulated out-of-memory error above them);
+* ``tokens``: 20 loss tokens a step over variable-length rows (``tokens_data``), 2 epochs,
+  shuffled: the parameters and each step's items.
 """
 
 from __future__ import annotations
@@ -135,6 +137,40 @@ def own_probe() -> dict[str, Any]:
     return {**summary(model, result, seen), "max_micro": result.plan.max_micro}
 
 
+def token_budget() -> dict[str, Any]:
+    from tokens_data import LR as TOKEN_LR
+    from tokens_data import Rows, TinyLM, collate, lm_loss
+
+    class Items(autoaccum.Callback):
+        def __init__(self) -> None:
+            self.items: list[float] = []
+
+        def on_step(self, run: autoaccum.RunView) -> None:
+            self.items.append(run.state().items_seen)
+
+    model, items = TinyLM(), Items()
+    torch.manual_seed(3)
+    result = autoaccum.fit(
+        model,
+        DataLoader(Rows(), batch_size=4, collate_fn=collate, shuffle=True),
+        target_tokens=20,
+        loss_fn=lm_loss,
+        count_fn=autoaccum.count_tokens(shift=True),
+        optimizer=torch.optim.SGD(model.parameters(), lr=TOKEN_LR),
+        max_micro=3,
+        epochs=2,
+        device="cpu",
+        progress=False,
+        report=False,
+        callbacks=[items],
+    )
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "items": items.items,
+        "steps": result.optimizer_steps,
+    }
+
+
 def main() -> None:
     out, jobs = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(1)
@@ -156,6 +192,8 @@ def main() -> None:
             saved = own_micro()
         elif job == "own_probe":
             saved = own_probe()
+        elif job == "tokens":
+            saved = token_budget()
         else:
             raise SystemExit(f"unknown job {job}")
         torch.save(saved, out / f"{job}-w{world}-rank{rank()}.pt")

@@ -16,6 +16,7 @@ from autoaccum.step.batches import batch_size
 __all__ = [
     "CountFn",
     "LossFn",
+    "TokenCount",
     "check_loss",
     "check_loss_and_count",
     "count_tokens",
@@ -156,19 +157,32 @@ def default_count(batch: Any) -> int | torch.Tensor:
     return batch_size(batch)
 
 
+class TokenCount:
+    """A ``count_fn`` for token-level losses: the labels of ``batch[key]`` that are not
+    ``ignore_index``, less each row's first where ``shift`` (a causal LM). Its fields say
+    where a sample's loss tokens are, so a token budget can split a sample between windows."""
+
+    def __init__(self, key: Any = "labels", *, shift: bool = True, ignore_index: int = -100):
+        self.key = key
+        self.shift = shift
+        self.ignore_index = ignore_index
+
+    def __call__(self, batch: Any) -> int | torch.Tensor:
+        return label_count(batch[self.key], shift=self.shift, ignore_index=self.ignore_index)
+
+    def __repr__(self) -> str:
+        return f"count_tokens({self.key!r}, shift={self.shift}, ignore_index={self.ignore_index})"
+
+
 def count_tokens(
     key: str = "labels", *, shift: bool = True, ignore_index: int = IGNORE_INDEX
-) -> CountFn:
+) -> TokenCount:
     """A ``count_fn`` for token-level losses: the number of target tokens in ``batch[key]``.
 
     ``shift=True`` matches causal language models (Hugging Face shifts labels by one, so
     the first position of every sequence is never a target).
     """
-
-    def count(batch: Any) -> int | torch.Tensor:
-        return label_count(batch[key], shift=shift, ignore_index=ignore_index)
-
-    return count
+    return TokenCount(key, shift=shift, ignore_index=ignore_index)
 
 
 def label_count(

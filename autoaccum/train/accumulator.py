@@ -23,24 +23,18 @@ import torch
 from torch import nn
 
 from autoaccum import distributed as D
-from autoaccum.errors import check_callable, check_count, check_positive, check_timeout
-from autoaccum.memory.peaks import DEFAULT_MARGIN, check_margin
-from autoaccum.plan import Plan, check_target
-from autoaccum.probing.fastest import check_choose
+from autoaccum.errors import check_count, check_timeout
+from autoaccum.memory.peaks import DEFAULT_MARGIN
+from autoaccum.plan import Plan
 from autoaccum.probing.trials import probe
 from autoaccum.results import ProbeResult
-from autoaccum.schedule import Schedule, as_schedule, constant, fingerprint
-from autoaccum.step.counting import resolve_loss
+from autoaccum.schedule import Schedule
 from autoaccum.step.losses import CountFn, LossFn
 from autoaccum.step.model import (
-    check_model,
-    check_model_optimizer,
-    default_optimizer,
     min_micro,
-    model_device,
     warn_outside_optimizer,
 )
-from autoaccum.step.precision import make_scaler, resolve_precision
+from autoaccum.step.precision import make_scaler
 from autoaccum.step.ranks import Ranks
 from autoaccum.step.rng import preserved_rng
 from autoaccum.train import loop_state
@@ -49,9 +43,11 @@ from autoaccum.train.data import WindowSource, as_source
 from autoaccum.train.data.agreed import epoch_windows, warn_larger_than_data
 from autoaccum.train.data.cut import Window
 from autoaccum.train.data.heaviest import SizeFn
+from autoaccum.train.data.tokens import TokenWindows, token_upper
 from autoaccum.train.delegate import Delegated
 from autoaccum.train.planner import Planner
 from autoaccum.train.resize import Resizer
+from autoaccum.train.setup import check_arguments
 from autoaccum.train.weights import Micro, StepOutcome
 from autoaccum.train.window import TrainWindow, WindowTrainer
 
@@ -90,7 +86,8 @@ class Accumulator:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        target_batch: int | Schedule,
+        target_batch: int | Schedule | None = None,
+        target_tokens: int | Schedule | None = None,
         loss_fn: LossFn | None = None,
         count_fn: CountFn | None = None,
         scheduler: Any = None,
@@ -107,37 +104,40 @@ class Accumulator:
         self.dist = D.current()
         self.ranks = Ranks(self.dist, check_timeout(timeout) if timeout is not None else None)
         try:  # nothing here talks to the other ranks: a rank that fails tells them below
-            module = check_model(model)
-            self.schedule = as_schedule(target_batch)
-            check_target(self.schedule(0), self.dist.world_size, min_micro=min_micro(module))
-            grad_norm = (
-                check_positive("max_grad_norm", max_grad_norm)
-                if max_grad_norm is not None
-                else None
-            )
-            self.margin = check_margin(margin)
-            dev = device if device is not None else model_device(model)
-            prec = resolve_precision(precision, dev)
-            opt = check_model_optimizer(model, optimizer or default_optimizer(model))
-            loss, count = resolve_loss(loss_fn, count_fn)
-            self.choose = check_choose(choose)
-            self.size_fn = (
-                check_callable("size_fn", size_fn, "size_fn(sample) -> int") if size_fn else None
+            checked = check_arguments(
+                model,
+                optimizer,
+                target_batch=target_batch,
+                target_tokens=target_tokens,
+                world_size=self.dist.world_size,
+                loss_fn=loss_fn,
+                count_fn=count_fn,
+                max_grad_norm=max_grad_norm,
+                margin=margin,
+                device=device,
+                precision=precision,
+                choose=choose,
+                size_fn=size_fn,
             )
             D.check_sync(sync)
-            # every rank: the same target and settings, or every rank stops (below, on all)
-            # the target, or a schedule's first targets: alike on every rank
-            first = constant(self.schedule) or fingerprint(self.schedule)
-            settings = dict(target_batch=first, precision=prec, sync=sync, choose=choose)
         except Exception as exc:
             self.ranks.give_up(exc, "setting up the accumulator")
             self.close()
             raise
-        try:
-            self.ranks.same_settings(**settings, margin=self.margin, max_grad_norm=grad_norm)
+        try:  # every rank: the same target and settings, or every rank stops
+            self.ranks.same_settings(**checked.settings(sync))
         except BaseException:
             self.close()
             raise
+        self.schedule, self.margin = checked.schedule, checked.margin
+        self.tokens = checked.tokens  #: the target counts loss tokens (target_tokens)
+        self.choose, self.size_fn = checked.choose, checked.size_fn
+        module, dev, prec, opt = (
+            checked.module,
+            checked.device,
+            checked.precision,
+            checked.optimizer,
+        )
         warn_outside_optimizer(model, opt)
         wrapped = D.wrap_model(model, self.dist, dev)
         self.trainer = WindowTrainer(
@@ -146,11 +146,11 @@ class Accumulator:
             optimizer=opt,
             scheduler=scheduler,
             scaler=make_scaler(prec, dev),
-            loss_fn=loss,
-            count_fn=count,
+            loss_fn=checked.loss_fn,
+            count_fn=checked.count_fn,
             device=dev,
             precision=prec,
-            max_grad_norm=grad_norm,
+            max_grad_norm=checked.max_grad_norm,
             prefetch=prefetch,
             sync=D.resolve_sync(sync, wrapped, self.dist),
             ranks=self.ranks,
@@ -159,6 +159,7 @@ class Accumulator:
         self.planner = Planner(
             self.schedule, self.dist.world_size, self.dist.rank, min_micro(module), self.resizer
         )
+        self.planner.tokens = self.tokens
         self.probe_result: ProbeResult | None = None
         self.samples_dropped = 0  #: samples of windows that no micro-batch could hold
         self._source: tuple[Iterable[Any] | WindowSource, WindowSource] | None = None
@@ -246,6 +247,8 @@ class Accumulator:
         known = source.samples_per_epoch()
         if known:  # no micro-batch can hold more than a rank's whole epoch
             share = min(share, known)
+        if isinstance(source, TokenWindows):  # as many of the longest as a rank's tokens
+            share = min(token_upper(source, self.share), known or self.share)
         batch, what = self.ranks.run(
             lambda: source.probe_batch(share, self.size_fn), "reading the probe's samples"
         )
@@ -257,7 +260,11 @@ class Accumulator:
         """The window source of ``data`` (a source is taken as it is; other data's is kept, so
         that the epochs of your own loop share workers and orders)."""
         if self._source is None or self._source[0] is not data:
-            self._source = (data, as_source(data, self.ranks))
+            counted = self.count_fn if self.tokens else None
+            self._source = (data, as_source(data, self.ranks, tokens=counted))
+            if isinstance(self._source[1], TokenWindows):  # the count first: labels shifted?
+                self.trainer.prepare_count(self._source[1].sample_batch(2))
+                self.planner.longest = self._source[1].longest()
         return self._source[1]
 
     def windows(
@@ -318,9 +325,9 @@ class Accumulator:
         """All of ``window``'s micro-steps and its optimizer step, surviving out-of-memory
         errors (the window re-run smaller on every rank; the smaller plan kept, grown back
         after a run of clean windows); ``fit`` runs this."""
-        target = window.data.target or self.target_batch
-        plan = self.planner.plan_for(target)
-        outcome, self.plan = self.trainer.train(window, plan)
+        plan = self.planner.for_window(window.data)
+        outcome, after = self.trainer.train(window, plan)
+        self.planner.trained(plan, after)
         return outcome
 
     # ------------------------------------------------------------------ state

@@ -58,7 +58,7 @@ class StepState:
     micro_sizes: tuple[int, ...]  #: the plan in force (per rank)
     seconds: float  #: since the run started
     rank: int
-    target: int = 0  #: the step's target: samples over all ranks (a schedule's value)
+    target: int = 0  #: the step's target over all ranks: samples, or loss tokens (target_tokens)
 
     @property
     def tokens_seen(self) -> float:

@@ -128,8 +128,8 @@ def _consistent(saved: Saved) -> str | None:
     plan, p = saved.plan, saved.position
     if saved.target_batch < 1 or saved.world_size < 1:
         return "target_batch and world_size must be ≥ 1"
-    if (plan.target_batch, plan.world_size) != (saved.target_batch, saved.world_size):
-        return "the plan is for another target_batch or world_size than the checkpoint"
+    if plan.world_size != saved.world_size and not plan.tokens:
+        return "the plan is for another world_size than the checkpoint"
     sizes = plan.micro_sizes
     if not 0 <= plan.rank < plan.world_size:
         return f"the plan is for rank {plan.rank} of {plan.world_size}"

@@ -39,8 +39,9 @@ __all__ = ["fit"]
 def fit(
     model: nn.Module,
     loader: Iterable[Any],
-    target_batch: int | Schedule = 256,
+    target_batch: int | Schedule | None = None,
     *,
+    target_tokens: int | Schedule | None = None,
     loss_fn: LossFn | None = None,
     count_fn: CountFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -72,6 +73,16 @@ def fit(
     step applies
     exactly the gradient of one big batch of the same samples — also for uneven micro
     sizes, token-level losses (``count_fn``) and the short last window of an epoch.
+    ``target_batch`` defaults to 256; it may also be a schedule: a function of the optimizer
+    steps done (``lambda step: …``) or :class:`~autoaccum.schedule.Ramp`, each step exact at
+    its own size.
+
+    ``target_tokens`` (instead of ``target_batch``; a number or a schedule): every optimizer
+    step trains on exactly that many loss tokens over all ranks, the sample that crosses the
+    budget split between two windows by masking its labels (where the count says where its
+    labels are: the default count, :func:`~autoaccum.count_tokens`), micro-batches packed
+    under a probed budget of padded tokens, longest first (see
+    :mod:`autoaccum.train.data.tokens`). It needs a DataLoader over a map-style dataset.
 
     ``loss_fn(model, batch)`` returns the *mean* loss over the batch's items and
     ``count_fn(batch)`` how many items that is (default: samples; for the default loss on
@@ -111,7 +122,10 @@ def fit(
     """
     started = time.perf_counter()
     check_model(model)
-    as_schedule(target_batch)  # a number, checked now; a schedule, at every step
+    if target_batch is None and target_tokens is None:
+        target_batch = 256
+    if target_tokens is None:
+        as_schedule(target_batch)  # a number, checked now; a schedule, at every step
     check_count("epochs", epochs)
     if max_steps is not None:
         check_count("max_steps", max_steps)
@@ -135,6 +149,7 @@ def fit(
             model,
             optimizer,
             target_batch=target_batch,
+            target_tokens=target_tokens,
             loss_fn=loss_fn,
             count_fn=count_fn,
             scheduler=scheduler,

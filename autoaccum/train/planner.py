@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from autoaccum.plan import Plan, check_target, make_plan, shares
+from autoaccum.errors import ConfigError
+from autoaccum.plan import Plan, check_target, make_plan, packed_plan, shares
 from autoaccum.schedule import Schedule, largest
+from autoaccum.step.batches import batch_size
 from autoaccum.step.ranks import Ranks
+from autoaccum.train.data.cut import Window
 from autoaccum.train.resize import Resizer
 
 __all__ = ["Planner"]
@@ -25,6 +28,10 @@ class Planner:
     min_micro: int
     resizer: Resizer  #: holds the ceiling: the first (probed or given), and now
     plan: Plan | None = None  #: the plan in force: the last window's, or the first
+    #: with target_tokens: the longest sample's length (the ceiling, in padded tokens, is
+    #: that many samples of it); 0 for windows of samples
+    longest: int = 0
+    tokens: bool = False  #: the targets count loss tokens
 
     @property
     def share(self) -> int:
@@ -33,9 +40,12 @@ class Planner:
         return shares(largest(self.schedule), self.world_size)[self.rank]
 
     def plan_for(self, target: int) -> Plan:
-        """The plan for a window of ``target`` samples under the micro-batch ceiling now."""
+        """The plan for a window of ``target`` samples under the micro-batch ceiling now (with
+        target_tokens: of ``target`` loss tokens, under the budget of padded tokens now)."""
         ceiling = self.resizer.current
         assert ceiling is not None  # planned: replan() set it
+        if self.longest:
+            return packed_plan((max(1, ceiling // self.longest),), target, ceiling)
         check_target(target, self.world_size, min_micro=self.min_micro)
         mine = min(ceiling, shares(target, self.world_size)[self.rank])
         plan = make_plan(target, mine, self.world_size, min_micro=self.min_micro, rank=self.rank)
@@ -46,6 +56,18 @@ class Planner:
     def replan(self, max_micro: int, step: int, ranks: Ranks) -> Plan:
         """Plan under the ceiling ``max_micro`` (every rank calls it, each with its own ceiling
         if it likes) for optimizer step ``step``'s target."""
+        if self.tokens and not self.longest:
+            raise ConfigError(
+                "with target_tokens the ceiling is a budget of padded tokens, measured on the "
+                "data's longest sample: give the data first (acc.source(loader), or let "
+                "acc.windows(loader) probe), then replan"
+            )
+        if self.longest:  # a budget of padded tokens: max_micro samples of the longest
+            budget = max_micro * self.longest
+            self.resizer.current = self.resizer.ceiling = budget
+            self.resizer.grow_after = 2**62  # the budget shrinks after OOM, never grows back
+            self.plan = packed_plan((max_micro,), self.schedule(step), budget)
+            return self.plan
         ceiling = min(max_micro, self.share)
         self.resizer.current = ceiling
         if self.resizer.ceiling is None:
@@ -54,8 +76,31 @@ class Planner:
         self.plan = self.with_rank_sizes(self.plan_for(self.schedule(step)), ranks)
         return self.plan
 
+    def for_window(self, window: Window) -> Plan:
+        """The plan a window is trained under: its target's, or with target_tokens the one of
+        its packed micro-batches (whose sizes the window already holds)."""
+        if not self.longest:
+            return self.plan_for(window.target or self.schedule(0))
+        sizes = tuple(batch_size(batch) for batch in window.micro_batches)
+        budget = self.resizer.current or 0
+        return packed_plan(sizes, window.target, budget, self.min_micro)
+
+    def trained(self, plan: Plan, after: Plan) -> None:
+        """The plan after a window trained under ``plan`` (``after``: smaller after an
+        out-of-memory error); with target_tokens the budget shrinks as the window did."""
+        if not self.longest:
+            self.plan = after
+            return
+        budget = plan.budget
+        if after.micro_batch < plan.micro_batch:  # ran out of memory: as much smaller
+            budget = max(self.longest, budget * after.micro_batch // plan.micro_batch)
+        self.resizer.current = budget
+        self.plan = dataclasses.replace(after, tokens=plan.tokens, budget=budget)
+
     def with_rank_sizes(self, plan: Plan, ranks: Ranks) -> Plan:
         """``plan`` knowing every rank's split (every rank calls it, at the same point)."""
+        if self.longest:  # a token window's split is its own; none to share
+            return plan
         point = "planning (every rank's split)"
         ranks.agree(point, where=point)
         every = tuple(tuple(sizes) for sizes in ranks.gather(plan.micro_sizes))

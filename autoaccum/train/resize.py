@@ -61,7 +61,7 @@ def rechunk(micro_batches: Sequence[Any], plan: Plan) -> list[Any]:
     ``plan.micro_batch`` instead.
     """
     sizes = [batch_size(b) for b in micro_batches]
-    if max(sizes) <= plan.micro_batch:
+    if not sizes or max(sizes) <= plan.micro_batch:  # (a rank's share may be empty)
         return list(micro_batches)
     try:
         return split_batch(concat_batches(list(micro_batches)), plan.window_sizes(sum(sizes)))

@@ -87,7 +87,7 @@ class Run:
             micro_sizes=self.plan.micro_sizes,
             seconds=time.perf_counter() - self._started,
             rank=self.acc.dist.rank,
-            target=self.plan.target_batch,
+            target=self.plan.tokens or self.plan.target_batch,
         )
 
     def stop(self, reason: str = "a callback asked") -> None:
@@ -241,7 +241,7 @@ class Run:
         windows = acc.windows(self.source, epoch, skip=skip)
         for window in windows:
             changes = len(acc.resizer.resizes)
-            outcome = acc.train_window(window)
+            outcome = acc.ranks.run(partial(acc.train_window, window), "training a window")
             trained += 1
             self._window = window.index
             p = self.position

@@ -119,6 +119,14 @@ class WindowTrainer:
             return inner
         return self.model
 
+    def prepare_count(self, batch: Any) -> None:
+        """Let the count function read what it needs off the model, once (whether it shifts
+        its labels), on ``batch`` (host)."""
+        prepare = getattr(self.count_fn, "prepare", None)
+        if callable(prepare) and not self._prepared:
+            prepare(self.forward_model, to_device(batch, self.device))
+            self._prepared = True
+
     def where(self, window: Window) -> str:
         return f"optimizer step {self.steps + 1} (epoch {window.epoch}, window {window.index})"
 
@@ -137,10 +145,8 @@ class WindowTrainer:
         where, batches = self.where(window.data), window.data.micro_batches
 
         def count() -> list[float]:
-            prepare = getattr(self.count_fn, "prepare", None)
-            if callable(prepare) and not self._prepared and batches:  # e.g. labels shifted?
-                prepare(self.forward_model, to_device(batches[0], self.device))
-                self._prepared = True
+            if batches:
+                self.prepare_count(batches[0])
             return W.count_window(batches, self.count_fn, where)
 
         counts = self.ranks.run(count, where)

@@ -90,13 +90,26 @@ def window_source(
     return IterableWindows(data)
 
 
-def as_source(data: Any, ranks: Ranks) -> WindowSource:
+def as_source(data: Any, ranks: Ranks, *, tokens: Any = None) -> WindowSource:
     """``data`` when it is a window source already, else :func:`window_source` of it for this
-    rank among ``ranks`` (which share the epoch's order)."""
+    rank among ``ranks`` (which share the epoch's order); with ``tokens`` (the count function
+    of ``target_tokens``), windows of loss tokens."""
     if isinstance(data, (LoaderWindows, IterableWindows)):
         return data
     share = ranks.share if ranks.multi else None
-    return window_source(data, rank=ranks.rank, world_size=ranks.size, share_order=share)
+    if tokens is None:
+        return window_source(data, rank=ranks.rank, world_size=ranks.size, share_order=share)
+    if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
+        raise ConfigError(
+            f"target_tokens reads every sample's loss tokens up front, so it needs a DataLoader "
+            f"over a map-style dataset (one with __getitem__ and __len__), not a "
+            f"{type(data).__name__}; for other data use target_batch"
+        )
+    from autoaccum.train.data.tokens import TokenWindows
+
+    return TokenWindows(
+        data, count_fn=tokens, rank=ranks.rank, world_size=ranks.size, share_order=share
+    )
 
 
 def check_evaluation_data(data: object) -> None:

@@ -70,7 +70,7 @@ def _all_have(ranks: Ranks, micro_steps: int) -> bool:
 def warn_larger_than_data(source: WindowSource, plan: Plan, world_size: int) -> None:
     """One warning when ``plan``'s target is larger than a whole epoch of ``source``."""
     samples = source.samples_per_epoch()
-    if not samples or samples >= plan.per_rank:
+    if not samples or samples >= plan.per_rank or plan.tokens:
         return
     total = samples * world_size
     warnings.warn(

@@ -297,6 +297,10 @@ class LoaderWindows:
                 offset += size_
         return self._fetch(replay, micro_lists, layout, epoch)
 
+    def _dataset(self) -> Any:
+        """What the re-batching loader fetches the micro index lists' keys from."""
+        return self.loader.dataset
+
     def _inner_loader(self, replay: torch.Generator | None) -> DataLoader[Any]:
         """The re-batching loader over the micro index lists (created once, reused)."""
         loader = self.loader
@@ -311,7 +315,7 @@ class LoaderWindows:
             if not settings.get("pin_memory_device"):
                 settings.pop("pin_memory_device", None)  # deprecated; pass only if set
             self._inner = DataLoader(
-                loader.dataset, batch_sampler=self._micro_lists, generator=replay, **settings
+                self._dataset(), batch_sampler=self._micro_lists, generator=replay, **settings
             )
         elif replay is not None:
             self._inner.generator = replay
