@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -40,7 +39,7 @@ from autoaccum.step.rng import preserved_rng
 from autoaccum.train import loop_state
 from autoaccum.train.checkpoint import Saved
 from autoaccum.train.data import WindowSource, as_source
-from autoaccum.train.data.agreed import epoch_windows, warn_larger_than_data
+from autoaccum.train.data.agreed import epoch_windows, warn_dropped, warn_larger_than_data
 from autoaccum.train.data.cut import Window
 from autoaccum.train.data.heaviest import SizeFn
 from autoaccum.train.data.tokens import TokenWindows, token_upper
@@ -298,15 +297,7 @@ class Accumulator:
         return source.num_windows(lambda k: self.planner.plan_for(self.schedule(first + k)))
 
     def _dropped(self, window: Window) -> None:
-        if not window.dropped:
-            return
-        self.samples_dropped += window.dropped
-        warnings.warn(
-            f"{window.dropped} sample(s) of window {window.index} of epoch {window.epoch} were "
-            f"not trained: {window.dropped_because}. FitResult.samples_dropped counts them",
-            UserWarning,
-            stacklevel=4,
-        )
+        self.samples_dropped += warn_dropped(window)
 
     # ------------------------------------------------------------------ the window
 

@@ -120,8 +120,7 @@ class WindowTrainer:
         return self.model
 
     def prepare_count(self, batch: Any) -> None:
-        """Let the count function read what it needs off the model, once (whether it shifts
-        its labels), on ``batch`` (host)."""
+        """Let the count read off the model what it needs, once (labels shifted?)."""
         prepare = getattr(self.count_fn, "prepare", None)
         if callable(prepare) and not self._prepared:
             prepare(self.forward_model, to_device(batch, self.device))
@@ -133,9 +132,8 @@ class WindowTrainer:
     # ------------------------------------------------------------------ 1: open the window
 
     def open(self, window: TrainWindow) -> list[Micro]:
-        """Count the window's items on every rank (exchange 1) and weigh its micro-batches.
-        A window already applied, a new one while another is open, or one iterated again after
-        some backward() is an error (the open one is dropped)."""
+        """Count the window's items on every rank (exchange 1) and weigh its micro-batches
+        (an applied window, or an open one iterated again, is an error)."""
         if window.applied:
             raise ConfigError(W.applied_twice(window.index, window.epoch))
         if self._open is not None and (problem := W.reopened(*self._open[::2], window)):
@@ -178,9 +176,8 @@ class WindowTrainer:
     # ------------------------------------------------------------------ one micro-step
 
     def backward(self, micro: Micro) -> torch.Tensor:
-        """Forward and backward of one micro-batch, weighted by its share of the window's
-        items; its mean loss, detached. A micro-batch without items (every target ignored)
-        adds nothing, and is skipped where no collective needs it to run."""
+        """Forward and backward of one micro-batch weighted by its share of the window's items;
+        its mean loss, detached. One without items adds nothing (skipped where it can be)."""
         if self._open is None or micro.window is not self._open[0]:
             raise ConfigError(
                 "backward() got a micro-batch that is not of the open window; iterate "
@@ -199,9 +196,8 @@ class WindowTrainer:
         if micro.count == 0 and run is micro:  # nothing to add, and nothing needs it to run
             state.skip()
             return torch.zeros(())
-        batch = prefetched if prefetched is not None and run is micro else None
-        if batch is None:
-            batch = to_device(run.batch, self.device)
+        own = prefetched if prefetched is not None and run is micro else None
+        batch = own if own is not None else to_device(run.batch, self.device)
         where = f"{self.where(micro.window.data)}, micro-batch {micro.index + 1}"
         try:
             with self._sync(micro.last):
@@ -311,8 +307,7 @@ class WindowTrainer:
         return StepOutcome(window_loss, state.samples, state.items, stepped)
 
     def _update(self, window_loss: float, where: str) -> bool:
-        """The optimizer update, then exchange n+3: a rank whose update failed (its weights
-        possibly half-updated) stops every rank."""
+        """The optimizer update, then exchange n+3: a rank whose update failed stops all."""
         failure: BaseException | None = None
         stepped = False
         try:
@@ -329,8 +324,7 @@ class WindowTrainer:
         return stepped
 
     def abort(self) -> None:
-        """Drop the open window: its gradients are cleared and the model's buffers put back;
-        nothing of it reaches the weights."""
+        """Drop the open window: gradients cleared, buffers put back, nothing applied."""
         if self._open is not None:
             self._buffers.restore()
         self._open = None

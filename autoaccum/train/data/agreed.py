@@ -13,7 +13,7 @@ from autoaccum.step.ranks import Ranks
 from autoaccum.train.data import WindowSource
 from autoaccum.train.data.cut import Window
 
-__all__ = ["epoch_windows", "warn_larger_than_data"]
+__all__ = ["epoch_windows", "warn_dropped", "warn_larger_than_data"]
 
 
 def epoch_windows(
@@ -81,3 +81,15 @@ def warn_larger_than_data(source: WindowSource, plan: Plan, world_size: int) -> 
         UserWarning,
         stacklevel=5,
     )
+
+
+def warn_dropped(window: Window) -> int:
+    """The samples ``window`` left out, warned about (0: none)."""
+    if window.dropped:
+        warnings.warn(
+            f"{window.dropped} sample(s) of window {window.index} of epoch {window.epoch} were "
+            f"not trained: {window.dropped_because}. FitResult.samples_dropped counts them",
+            UserWarning,
+            stacklevel=5,
+        )
+    return window.dropped
