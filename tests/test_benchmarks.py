@@ -375,6 +375,27 @@ def test_padding_is_per_micro_batch_and_the_budget_counts_padded_tokens() -> Non
     assert batch[0].shape[0] == wl.target_batch
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_bench_tokens_tiny_keeps_every_step_at_its_tokens_with_less_padding(
+    tmp_path: Path,
+) -> None:
+    """A smoke run, not a figure: the token budget's steps all hold the target's loss tokens
+    (spread 0), its padding is under the fixed-sample plan's, and neither runs out of memory
+    on the emulated device after the probe."""
+    argv = ["--tiny", "--samples", "96", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert bench("bench_tokens").main(argv) == 0
+    out = json.loads((tmp_path / "bench_tokens.json").read_text())
+    fixed, tokens = out["fixed"], out["tokens"]
+    assert tokens["spread"] == 0 and fixed["spread"] > 0
+    assert set(tokens["per_step"][:-1]) == {512.0}
+    assert tokens["padding_share"] < fixed["padding_share"]
+    assert tokens["padding_share"] <= 0.10
+    assert fixed["oom_retries"] == tokens["oom_retries"] == 0
+    assert tokens["loss_tokens"] == fixed["loss_tokens"]  # the same epoch, every token once
+    assert "token budget over fixed samples" in printed.getvalue()
+
+
 def test_optional_workloads_are_skipped_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     workloads = bench("workloads")
     assert workloads.missing("gpt2") is None

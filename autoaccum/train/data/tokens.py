@@ -16,8 +16,9 @@ on exactly T loss tokens over all ranks, and every loss token of the epoch count
 * **Micro-batches are packed under a budget of padded tokens** (samples × the longest of
   them, what a padding collate allocates): the probe measures the heaviest samples, and the
   budget is that many of them at their length. Within a window each rank's samples are
-  ordered longest first (the order is fixed, so a resume is bit-identical) and packed, so
-  padding stays small.
+  ordered longest first (the order is fixed, so a resume is bit-identical) and packed
+  (:mod:`~autoaccum.train.data.packing`): the fewest micro-steps whose padding stays within
+  5 % of the tokens.
 * **Ranks share a window's tokens** as evenly as its samples allow (each rank a run of whole
   pieces of the window); ranks may run different numbers of micro-steps.
 
@@ -41,6 +42,7 @@ from autoaccum.plan import Plan, Plans, even_split, plans_of
 from autoaccum.step.rng import preserved_rng
 from autoaccum.train.data.cut import Window
 from autoaccum.train.data.loader import LoaderWindows
+from autoaccum.train.data.packing import pack
 
 __all__ = ["Labels", "Piece", "TokenWindows", "labels_of"]
 
@@ -244,10 +246,11 @@ class TokenWindows(LoaderWindows):
                     why = "the DataLoader has drop_last=True"
                     layout.append((index, (), dropped, why, False, target))
                 continue
-            mine = _share(pieces, self.world_size)[self.rank]
-            groups = _pack(mine, lengths, budget)
             if index < skip:
                 continue
+            mine = _share(pieces, self.world_size)[self.rank]
+            runs = pack([lengths[p.index] for p in mine], budget)
+            groups = [[mine[i] for i in run] for run in runs]
             layout.append((index, tuple(len(g) for g in groups), 0, "", True, target))
             micro_lists.extend([_key(p, tokens) for p in group] for group in groups)
         return self._fetch(replay, micro_lists, layout, epoch)
@@ -308,18 +311,6 @@ def _share(pieces: list[Piece], world: int) -> list[list[Piece]]:
         out[rank].append(piece)
         seen += piece.hi - piece.lo
     return out
-
-
-def _pack(pieces: list[Piece], lengths: list[int], budget: int) -> list[list[Piece]]:
-    """``pieces`` longest first, in micro-batches of at most ``budget`` padded tokens."""
-    ordered = sorted(pieces, key=lambda p: -lengths[p.index])  # stable: ties keep their order
-    groups: list[list[Piece]] = []
-    for piece in ordered:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0].index] <= budget:
-            groups[-1].append(piece)
-        else:
-            groups.append([piece])
-    return groups
 
 
 def token_upper(source: TokenWindows, share_tokens: int) -> int:
