@@ -142,12 +142,16 @@ def _no_core_files() -> Iterator[None]:
 def _end(proc: subprocess.Popen[bytes], hung: bool) -> None:
     """End everything the launch started: torchrun's session, and each rank's (torchrun starts
     every rank in a session of its own, where its loader workers are too). A hung launch's
-    ranks are sent SIGABRT first: faulthandler writes their stacks, then they end."""
+    ranks are sent SIGABRT first: faulthandler writes their stacks, then they end. torchrun
+    is stopped (SIGSTOP) before that: seeing one rank abort, it would otherwise SIGTERM the
+    others before they have written theirs."""
     try:
         ranks = psutil.Process(proc.pid).children() if hung else []
     except psutil.Error:
         ranks = []
     if ranks:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, signal.SIGSTOP)
         for rank in ranks:
             with contextlib.suppress(psutil.Error):
                 rank.send_signal(signal.SIGABRT)
