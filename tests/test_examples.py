@@ -41,6 +41,7 @@ EXAMPLE_TIMEOUT = 300
 EXAMPLE_SAYS = {
     "fit_mlp.py": "largest difference between the two runs' step losses",
     "gpt2_tokens.py": "fit's step against the whole window's",
+    "gpt2_token_budget.py": "every step trained exactly its target of loss tokens",
     "hf_trainer.py": "optimizer steps, loss",
     "lightning_mlp.py": "max_micro=100: accumulate_grad_batches 4",
     "long_run.py": "resumed run == uninterrupted run, bit for bit: True",
@@ -51,8 +52,10 @@ EXAMPLE_SAYS = {
 NEEDS = {
     "hf_trainer.py": "transformers",
     "gpt2_tokens.py": "transformers",
+    "gpt2_token_budget.py": "transformers",
     "lightning_mlp.py": "lightning",
     "transformers.md": "transformers",
+    "tokens-and-schedules.md": "transformers",
     "lightning.md": "lightning",
 }
 
