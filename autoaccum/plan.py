@@ -71,11 +71,16 @@ class Plan:
     min_micro: int = 1
     rank: int = 0
     rank_sizes: tuple[tuple[int, ...], ...] = ()
-    #: with ``target_tokens``: the window's loss tokens (over all ranks) and the micro-batches'
-    #: budget in padded tokens; ``micro_sizes`` are then this rank's samples per micro-batch in
-    #: a window (packed by length), ``target_batch`` their sum
+    #: with ``target_tokens``: the window's loss tokens (over all ranks); ``micro_sizes`` are
+    #: then this rank's samples per micro-batch in a window (packed by length), ``target_batch``
+    #: their sum
     tokens: int = 0
+    #: with ``target_tokens``: the micro-batches' budget in padded tokens (samples × the
+    #: longest of them)
     budget: int = 0
+    #: with ``target_tokens``: ``micro_sizes`` are a window's packing (False: the ceiling only,
+    #: before any window was packed)
+    packed: bool = False
 
     @property
     def per_rank(self) -> int:
@@ -103,10 +108,10 @@ class Plan:
         """One line, e.g. ``target_batch 256 = 86+85+85 (accum_iter 3) × 1 rank``, or, where
         the ranks' splits differ, ``target_batch 10 = rank 0: 3+2, rank 1: 5``."""
         if self.tokens:
-            return (
-                f"target_tokens {self.tokens} = micro-batches of at most {self.budget:,} padded "
-                f"tokens (here {_sizes(self.micro_sizes)} samples)"
-            )
+            head = f"target_tokens {self.tokens} = micro-batches of at most {self.budget:,} padded"
+            if not self.packed:
+                return f"{head} tokens, each window's samples packed longest first"
+            return f"{head} tokens (packed: {_sizes(self.micro_sizes)} samples)"
         every = self.rank_sizes or self._every_rank()
         if len(set(every)) > 1:
             split = ", ".join(f"rank {r}: {_sizes(s)}" for r, s in enumerate(every))
@@ -153,6 +158,7 @@ class Plan:
             "rank_sizes": [list(s) for s in self.rank_sizes],
             "tokens": self.tokens,
             "budget": self.budget,
+            "packed": self.packed,
         }
 
 
@@ -173,9 +179,12 @@ def plans_of(plans: Plan | Plans) -> Plans:
     return plans
 
 
-def packed_plan(sizes: tuple[int, ...], tokens: int, budget: int, min_micro: int = 1) -> Plan:
+def packed_plan(
+    sizes: tuple[int, ...], tokens: int, budget: int, min_micro: int = 1, *, packed: bool = True
+) -> Plan:
     """One rank's plan of a window of ``tokens`` loss tokens whose samples were packed into
-    micro-batches of ``sizes`` under ``budget`` padded tokens (none: one empty micro-step)."""
+    micro-batches of ``sizes`` under ``budget`` padded tokens (none: one empty micro-step);
+    ``packed=False``: ``sizes`` is only the ceiling, before any window was packed."""
     sizes = sizes or (0,)
     return Plan(
         target_batch=max(1, sum(sizes)),
@@ -187,6 +196,7 @@ def packed_plan(sizes: tuple[int, ...], tokens: int, budget: int, min_micro: int
         min_micro=min_micro,
         tokens=tokens,
         budget=budget,
+        packed=packed,
     )
 
 

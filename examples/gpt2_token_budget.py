@@ -97,8 +97,9 @@ def main() -> None:
     result = autoaccum.fit(model, loader, target_tokens=1024, callbacks=[tokens], progress=False)
     print(f"loss tokens per step: {[trained for _, trained in tokens.steps]}")
     print(
-        f"{result.samples_seen} samples for {len(texts)} texts: "
-        f"{result.samples_seen - len(texts)} crossed a window's budget and trained in two parts"
+        f"{result.samples_seen} samples for {len(texts)} texts (one crossing a window's budget is "
+        f"trained in two parts and counted once), {result.items_seen:.0f} of {epoch_tokens} "
+        "loss tokens"
     )
 
     ramp = autoaccum.Ramp(256, 1024, 4)

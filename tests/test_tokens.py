@@ -28,8 +28,8 @@ TOL = 1e-10
 
 def rel(model: nn.Module, ref: nn.Module) -> float:
     pairs = list(zip(model.parameters(), ref.parameters(), strict=True))
-    num = sum(float((p - q).norm() ** 2) for p, q in pairs)
-    return math.sqrt(num / sum(float(q.norm() ** 2) for _, q in pairs))
+    num = sum(float((p - q).detach().norm() ** 2) for p, q in pairs)
+    return math.sqrt(num / sum(float(q.detach().norm() ** 2) for _, q in pairs))
 
 
 class Steps(autoaccum.Callback):
@@ -65,7 +65,7 @@ def train(target_tokens: Any, **kwargs: Any) -> tuple[TinyLM, autoaccum.FitResul
         target_tokens=target_tokens,
         optimizer=torch.optim.SGD(model.parameters(), lr=LR),
         progress=False,
-        report=False,
+        report=kwargs.pop("report", False),
         callbacks=[steps, *kwargs.pop("callbacks", [])],
         **kwargs,
     )
@@ -221,7 +221,8 @@ def test_a_count_that_cannot_split_trains_whole_samples_reaching_t() -> None:
         return (batch["labels"][:, 1:] != -100).sum()
 
     rows = Rows()
-    model, _, steps = train(20, count_fn=count, max_micro=3)
+    with pytest.warns(UserWarning, match="count of your own, which says how many but not where"):
+        model, _, steps = train(20, count_fn=count, max_micro=3)
     tokens = stream(rows)
     targets, start = [], 0
     while start < len(tokens):  # whole rows until 20 tokens are reached
@@ -235,6 +236,63 @@ def test_a_count_that_cannot_split_trains_whole_samples_reaching_t() -> None:
     assert rel(model, ref) < TOL
     seen = [items for _, items in steps.seen]
     assert [b - a for a, b in zip([0.0, *seen[:-1]], seen, strict=True)] == targets
+
+
+def test_labels_made_by_the_collate_fn_fall_back_to_whole_samples_with_a_warning() -> None:
+    """Samples without labels (the collate_fn makes them, as DataCollatorForLanguageModeling
+    does): nothing to mask per sample, so windows of whole rows, said once; still exact."""
+
+    class Unlabelled(Rows):
+        def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": self.rows[index]["input_ids"]}
+
+    def labelling(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return collate([{"input_ids": r["input_ids"], "labels": r["input_ids"]} for r in rows])
+
+    model = TinyLM()
+    with pytest.warns(UserWarning, match="samples carry no row of 'labels'") as caught:
+        result = autoaccum.fit(
+            model,
+            DataLoader(Unlabelled(), batch_size=4, collate_fn=labelling),
+            target_tokens=20,
+            loss_fn=lm_loss,
+            count_fn=autoaccum.count_tokens(shift=True),
+            optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+            max_micro=3,
+            progress=False,
+            report=False,
+        )
+    assert sum("target_tokens:" in str(w.message) for w in caught) == 1
+    rows = Unlabelled()
+    total = sum(len(r["input_ids"]) - 1 for r in rows.rows)
+    assert result.items_seen == total  # every token once, whole rows
+    assert result.samples_seen == len(rows)
+
+
+def test_the_plan_line_says_the_budget_and_each_window_its_packing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before any window: the budget and what it is made of (no made-up split); after the
+    run the plan is the last window's packing."""
+    _, result, _ = train(20, max_micro=3, report=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "plan: target_tokens 20 = micro-batches of at most 33 padded tokens, each window's "
+        "samples packed longest first — max_micro 3 given: that many of the longest sample"
+    )
+    last = result.plan.describe()
+    assert last.startswith("target_tokens 20 = micro-batches of at most 33 padded tokens (packed: ")
+
+
+def test_a_split_sample_is_seen_once() -> None:
+    """A sample split between two windows is trained in both but counted once in
+    samples_seen (and its loss tokens once in items_seen)."""
+    rows = Rows()
+    _, result, _ = train(20, max_micro=3)
+    assert result.samples_seen == len(rows.rows)
+    assert result.items_seen == len(stream(rows))
+    _, twice, _ = train(20, max_micro=3, epochs=2)
+    assert twice.samples_seen == 2 * len(rows.rows)
 
 
 def test_a_token_ramp_is_exact_at_every_step() -> None:
@@ -341,6 +399,7 @@ def test_a_resume_with_another_schedule_is_refused(tmp_path: Path) -> None:
         ({"target_batch": 8, "target_tokens": 20}, "give one target"),
         ({"target_tokens": 0}, "target_tokens must be ≥ 1"),
         ({"target_tokens": lambda step: -1}, "schedule gave -1 at step 0"),
+        ({"target_tokens": 20}, "loss_fn was given without count_fn, so every sample would"),
     ],
 )
 def test_bad_targets_are_config_errors_before_any_work(kwargs: dict[str, Any], match: str) -> None:
@@ -362,5 +421,11 @@ def test_target_tokens_needs_a_map_style_loader() -> None:
     batches = [collate([Rows().rows[i] for i in range(k, k + 4)]) for k in range(0, 20, 4)]
     with pytest.raises(ConfigError, match="target_tokens reads every sample's loss tokens up"):
         autoaccum.fit(
-            TinyLM(), batches, target_tokens=20, loss_fn=lm_loss, progress=False, report=False
+            TinyLM(),
+            batches,
+            target_tokens=20,
+            loss_fn=lm_loss,
+            count_fn=autoaccum.count_tokens(),
+            progress=False,
+            report=False,
         )

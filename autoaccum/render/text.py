@@ -68,6 +68,8 @@ def plan_why(plan: Plan, probe: ProbeResult | None, origin: str = "probe") -> st
     ceiling) or ``"checkpoint"`` (a resumed run's)."""
     if origin == "checkpoint":
         return "the checkpoint's plan, probed on this device"
+    if plan.tokens:
+        return _budget_why(plan, probe, origin)
     if probe is None or origin == "max_micro":
         fits = ": the whole window fits under it" if plan.accum_iter == 1 else ""
         return f"max_micro {plan.max_micro} given{fits}"
@@ -87,6 +89,19 @@ def plan_why(plan: Plan, probe: ProbeResult | None, origin: str = "probe") -> st
     if probe.chosen is not None and probe.chosen != probe.max_micro:
         why += f"; {probe.chosen} is the fastest plan's micro-batch under it"
     return why
+
+
+def _budget_why(plan: Plan, probe: ProbeResult | None, origin: str) -> str:
+    """Why a budget of padded tokens (target_tokens) is what it is: so many of the longest
+    samples fitted, or were given."""
+    if probe is None or origin == "max_micro":
+        return f"max_micro {plan.max_micro} given: that many of the longest sample"
+    if not probe.hit_limit:
+        where = probe.device if probe.limit_bytes is None else "the emulated device"
+        return f"nothing ran out of memory on {where} up to {probe.upper} of the longest samples"
+    where = probe.device if probe.device.startswith("cuda") else "the emulated device"
+    limit = f"'s {format_bytes(probe.limit_bytes)}" if probe.limit_bytes is not None else ""
+    return f"{probe.largest_pass} of the longest samples fit in {where}{limit}{_margin(probe)}"
 
 
 def plan_line(plan: Plan, probe: ProbeResult | None, origin: str = "probe") -> str:

@@ -45,7 +45,7 @@ class Planner:
         ceiling = self.resizer.current
         assert ceiling is not None  # planned: replan() set it
         if self.longest:
-            return packed_plan((max(1, ceiling // self.longest),), target, ceiling)
+            return packed_plan((max(1, ceiling // self.longest),), target, ceiling, packed=False)
         check_target(target, self.world_size, min_micro=self.min_micro)
         mine = min(ceiling, shares(target, self.world_size)[self.rank])
         plan = make_plan(target, mine, self.world_size, min_micro=self.min_micro, rank=self.rank)
@@ -66,7 +66,7 @@ class Planner:
             budget = max_micro * self.longest
             self.resizer.current = self.resizer.ceiling = budget
             self.resizer.grow_after = 2**62  # the budget shrinks after OOM, never grows back
-            self.plan = packed_plan((max_micro,), self.schedule(step), budget)
+            self.plan = packed_plan((max_micro,), self.schedule(step), budget, packed=False)
             return self.plan
         ceiling = min(max_micro, self.share)
         self.resizer.current = ceiling

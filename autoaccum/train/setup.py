@@ -14,6 +14,7 @@ from autoaccum.memory.peaks import check_margin
 from autoaccum.plan import check_target
 from autoaccum.probing.fastest import check_choose
 from autoaccum.schedule import Schedule, as_schedule, constant, fingerprint
+from autoaccum.step.batches import batch_size
 from autoaccum.step.counting import resolve_loss
 from autoaccum.step.losses import CountFn, LossFn
 from autoaccum.step.model import (
@@ -90,6 +91,13 @@ def check_arguments(
     dev = device if device is not None else model_device(module)
     prec = resolve_precision(precision, dev)
     loss, count = resolve_loss(loss_fn, count_fn)
+    if tokens and count is batch_size:
+        raise ConfigError(
+            "target_tokens counts loss tokens, but loss_fn was given without count_fn, so every "
+            "sample would count as one item: pass count_fn=autoaccum.count_tokens() (the "
+            "labels that are not -100, less each row's first as causal LMs shift them; "
+            "count_tokens(shift=False) where the loss does not shift) or a count of your own"
+        )
     return Checked(
         module=module,
         schedule=schedule,

@@ -151,7 +151,7 @@ class WindowTrainer:
         agreed = self.ranks.agree(  # exchange 1
             "counting a window's items",
             items=sum(counts),
-            samples=W.window_samples(batches),
+            samples=W.window_samples(batches) - window.data.continued,
             each=len(batches),
             where=where,
         )

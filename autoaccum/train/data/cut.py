@@ -33,6 +33,9 @@ class Window:
     """Some rank trains a sample of this window (False: every rank's share was dropped)."""
     target: int = 0
     """The window's target (samples over all ranks) as its plan gave it (0: not told)."""
+    continued: int = 0
+    """Samples of this window whose last loss tokens a later window trains (a sample split by
+    ``target_tokens``): counted as seen there, once."""
 
 
 def measure(batch: Any, index: int) -> int:

@@ -28,9 +28,10 @@ samples fetched but not collated).
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,76 +42,11 @@ from autoaccum.errors import ConfigError
 from autoaccum.plan import Plan, Plans, even_split, plans_of
 from autoaccum.step.rng import preserved_rng
 from autoaccum.train.data.cut import Window
+from autoaccum.train.data.labels import Labels, labels_of
 from autoaccum.train.data.loader import LoaderWindows
 from autoaccum.train.data.packing import pack
 
-__all__ = ["Labels", "Piece", "TokenWindows", "labels_of"]
-
-
-@dataclass(frozen=True)
-class Labels:
-    """Where a sample's loss tokens are: its labels (``key`` of a dict sample, or index 1 of
-    an ``(inputs, targets)`` pair when ``key`` is None), the ones not ``ignore``, less the
-    first where the model ``shift`` s them."""
-
-    key: Any = None
-    shift: bool = False
-    ignore: int = -100
-
-    def _find(self, sample: Any) -> tuple[Any, Any] | None:
-        if isinstance(sample, Mapping):
-            key = "labels" if self.key is None else self.key
-            return (key, sample[key]) if key in sample else None
-        if isinstance(sample, (tuple, list)) and len(sample) == 2 and self.key is None:
-            return 1, sample[1]
-        return None
-
-    def positions(self, sample: Any) -> list[int] | None:
-        """The label positions that are loss tokens (None: the sample's labels cannot be
-        found, or are not one row of labels)."""
-        found = self._find(sample)
-        if found is None:
-            return None
-        values = found[1].tolist() if isinstance(found[1], torch.Tensor) else found[1]
-        if not isinstance(values, list) or any(isinstance(v, list) for v in values):
-            return None
-        start = 1 if self.shift else 0
-        return [p for p in range(start, len(values)) if values[p] != self.ignore]
-
-    def masked(self, sample: Any, keep: Sequence[int]) -> Any:
-        """``sample`` with every loss token but those at ``keep`` masked (a copy)."""
-        found = self._find(sample)
-        assert found is not None  # only samples whose positions() were found are split
-        key, labels = found
-        kept = set(keep)
-        drop = [p for p in self.positions(sample) or [] if p not in kept]
-        if isinstance(labels, torch.Tensor):
-            labels = labels.clone()
-            labels[drop] = self.ignore
-        else:
-            labels = list(labels)
-            for p in drop:
-                labels[p] = self.ignore
-        if isinstance(sample, Mapping):
-            out: Any = copy.copy(sample)
-            out[key] = labels
-            return out
-        return (
-            type(sample)((sample[0], labels)) if isinstance(sample, tuple) else [sample[0], labels]
-        )
-
-
-def labels_of(count_fn: Any) -> Labels | None:
-    """How to find the loss tokens ``count_fn`` counts, where they can be split (None:
-    windows of whole samples)."""
-    from autoaccum.step.counting import DefaultCount
-    from autoaccum.step.losses import TokenCount
-
-    if isinstance(count_fn, TokenCount):
-        return Labels(count_fn.key, count_fn.shift, count_fn.ignore_index)
-    if isinstance(count_fn, DefaultCount):
-        return Labels(None, bool(count_fn.shift))
-    return None
+__all__ = ["Piece", "TokenWindows", "token_upper"]
 
 
 @dataclass(frozen=True)
@@ -174,21 +110,36 @@ class TokenWindows(LoaderWindows):
             )
         self.count_fn = count_fn
         self._index: tuple[list[int], list[int]] | None = None  #: tokens and length, by index
+        self._whole: set[int] = set()  #: samples whose labels cannot be found: never split
 
     def splits(self) -> bool:
         """Whether a sample crossing the budget is split (its labels can be masked)."""
+        return self._unsplit() is None
+
+    def _unsplit(self) -> str | None:
+        """Why samples cannot be split (None: they can)."""
         labels = labels_of(self.count_fn)
         if labels is None:
-            return False
+            name = getattr(self.count_fn, "__name__", type(self.count_fn).__name__)
+            return f"count_fn {name} is a count of your own, which says how many but not where"
         with preserved_rng():
             first = self.loader.dataset[0]
-        return labels.positions(first) is not None
+        if labels.positions(first) is None:
+            key = "labels" if labels.key is None else labels.key
+            return (
+                f"the dataset's samples carry no row of {key!r} the count can find before "
+                "collation (labels made by the collate_fn cannot be masked per sample)"
+            )
+        return None
 
     def index(self) -> tuple[list[int], list[int]]:
         """Every sample's loss tokens and length, read once (in index order)."""
         if self._index is None:
             dataset = self.loader.dataset
-            labels = labels_of(self.count_fn) if self.splits() else None
+            unsplit = self._unsplit()
+            if unsplit is not None and self.rank == 0:
+                warnings.warn(_whole_samples(unsplit), stacklevel=2)
+            labels = labels_of(self.count_fn) if unsplit is None else None
             tokens, lengths = [], []
             with preserved_rng():
                 for i in range(len(dataset)):  # type: ignore[arg-type]
@@ -196,6 +147,7 @@ class TokenWindows(LoaderWindows):
                     positions = labels.positions(sample) if labels is not None else None
                     if positions is None:
                         tokens.append(int(self.count_fn(self._collate_fn([sample]))))
+                        self._whole.add(i)
                     else:
                         tokens.append(len(positions))
                     lengths.append(_length(sample))
@@ -238,6 +190,7 @@ class TokenWindows(LoaderWindows):
         tokens, lengths = self.index()
         micro_lists: list[list[Any]] = []
         layout: list[tuple[int, tuple[int, ...], int, str, bool, int]] = []
+        continued: dict[int, int] = {}  #: window → its samples whose last tokens come later
         for index, (pieces, target) in enumerate(self._cut(order, targets)):
             held = sum(p.hi - p.lo for p in pieces)
             if held < target and self.loader.drop_last:
@@ -253,7 +206,9 @@ class TokenWindows(LoaderWindows):
             groups = [[mine[i] for i in run] for run in runs]
             layout.append((index, tuple(len(g) for g in groups), 0, "", True, target))
             micro_lists.extend([_key(p, tokens) for p in group] for group in groups)
-        return self._fetch(replay, micro_lists, layout, epoch)
+            continued[index] = sum(1 for p in mine if p.hi < tokens[p.index])
+        windows = self._fetch(replay, micro_lists, layout, epoch)
+        return (dataclasses.replace(w, continued=continued.get(w.index, 0)) for w in windows)
 
     def _cut(
         self, order: list[Any], targets: Callable[[int], int]
@@ -271,7 +226,7 @@ class TokenWindows(LoaderWindows):
             while pos < len(order) and (need > 0 or not pieces):
                 index = order[pos]
                 have = tokens[index] - lo
-                take = min(need, have) if split else have
+                take = min(need, have) if split and index not in self._whole else have
                 pieces.append(Piece(index, lo, lo + take))
                 need -= take
                 lo += take
@@ -291,6 +246,17 @@ class TokenWindows(LoaderWindows):
             for pieces, target in self._cut(order, targets)
             if not self.loader.drop_last or sum(p.hi - p.lo for p in pieces) >= target
         )
+
+
+def _whole_samples(why: str) -> str:
+    return (
+        f"target_tokens: {why}, so a sample that crosses the budget cannot be split between "
+        "two windows: every window holds whole samples, the fewest whose loss tokens reach the "
+        "target (a step may train up to one sample's tokens more), each step weighted by its "
+        "true count. For exactly the target at every step, give every sample its labels (a "
+        "dict sample's 'labels', or (inputs, targets)) and count them with "
+        "autoaccum.count_tokens()"
+    )
 
 
 def _key(piece: Piece, tokens: list[int]) -> Any:
