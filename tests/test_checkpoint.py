@@ -5,6 +5,7 @@ checkpoint of a folder; resume="auto"."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -122,7 +123,15 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path: Path) -> 
     _fit(callbacks=[Checkpoint(folder, every=1, keep=2)])
     assert _names(folder) == ["latest", "step-00000004.pt", "step-00000005.pt"]
     pointer = json.loads((folder / "latest").read_text())
-    assert pointer == {"checkpoint": "step-00000005.pt", "run_id": checkpoint.load(folder).run_id}
+    digests = {
+        name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        for name in ("step-00000004.pt", "step-00000005.pt")
+    }
+    assert pointer == {
+        "checkpoint": "step-00000005.pt",
+        "run_id": checkpoint.load(folder).run_id,
+        "sha256": digests,
+    }
     assert checkpoint.load(folder).position.steps == 5
 
 

@@ -1,11 +1,14 @@
 """Checkpoints that never run code and are checked before anything is loaded: a crafted pickle
 runs nothing; a file of the right format with a key missing or mistyped names the key; an
-old format is refused; what cannot be loaded safely is refused at save time; a resume into
-another model, optimizer, scheduler or precision changes nothing; an unwritable folder is
-found before the first step."""
+old format is refused; a file damaged on disk is found by its digest; what cannot be loaded
+safely is refused at save time; a resume into another model, optimizer, scheduler or
+precision changes nothing; an unwritable folder is found before the first step."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -145,6 +148,55 @@ def test_an_older_format_is_refused_with_a_clear_message(saved: Path, tmp_path: 
     torch.save({"format": 1, "plan": make_plan(8, 4, 1)}, tmp_path / "old.pt")
     with pytest.raises(ConfigError, match=r"written by an older autoaccum.*autoaccum.plan.Plan"):
         _fit(resume=tmp_path / "old.pt")
+
+
+def _flip_a_weight(path: Path) -> None:
+    """One bit of a weight flipped in ``path``, in place: a file still perfectly loadable,
+    holding another weight (what a bad disk or a copy cut short leaves)."""
+    data = bytearray(path.read_bytes())
+    first = torch.load(path, weights_only=True)["model"]["0.weight"].flatten()[:4]
+    kind = {torch.float32: "f", torch.float64: "d"}[first.dtype]
+    at = bytes(data).find(struct.pack(f"<4{kind}", *first.tolist()))
+    assert at > 0  # the weights are stored raw
+    data[at + 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_damaged_on_disk_is_refused_and_the_folder_resumes_from_an_intact_one(
+    tmp_path: Path,
+) -> None:
+    """latest records each kept checkpoint's SHA-256: a flipped bit is found before anything
+    is loaded (resume from the file: an error; from the folder: the next intact one, said)."""
+    folder = tmp_path / "ckpt"
+    _fit(max_steps=4, callbacks=[Checkpoint(folder, every=2)])
+    newest, older = folder / "step-00000004.pt", folder / "step-00000002.pt"
+    _flip_a_weight(newest)
+    model = mlp(seed=3)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigError, match="its bytes are not those its run wrote"):
+        _fit(model, resume=newest)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), weights, strict=True))
+    with pytest.warns(UserWarning, match=f"resuming from {older}.*passing over.*not those"):
+        result = _fit(resume=folder, max_steps=4)
+    assert result.optimizer_steps == 4
+
+    # the negative control: the same file, where no digest was recorded, loads as if intact
+    elsewhere = tmp_path / "copied"
+    elsewhere.mkdir()
+    (elsewhere / newest.name).write_bytes(newest.read_bytes())
+    _fit(resume=elsewhere / newest.name, max_steps=4)
+
+
+def test_latest_keeps_the_digests_of_the_kept_checkpoints_across_a_resume(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    _fit(max_steps=2, callbacks=[Checkpoint(folder, every=1, keep=2)])
+    _fit(max_steps=4, resume="auto", callbacks=[Checkpoint(folder, every=1, keep=2)])
+    said = json.loads((folder / "latest").read_text())
+    kept = sorted(p.name for p in folder.glob("step-*.pt"))
+    assert kept == ["step-00000003.pt", "step-00000004.pt"]
+    assert sorted(said["sha256"]) == kept
+    for name in kept:
+        assert said["sha256"][name] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
 
 
 class Helper:

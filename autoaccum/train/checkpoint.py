@@ -32,7 +32,7 @@ from autoaccum.plan import Plan
 from autoaccum.results import ProbeResult, Resize
 from autoaccum.train.callbacks import Checkpoint
 from autoaccum.train.checkpoint_codec import check_loadable, decode
-from autoaccum.train.checkpoint_files import read_pointer, step_files
+from autoaccum.train.checkpoint_files import read_pointer, step_files, verify
 from autoaccum.train.checkpoint_random import SavedRandom
 
 __all__ = [
@@ -185,6 +185,12 @@ def read(path: str | os.PathLike[str]) -> Saved:
     """The checkpoint file at ``path``, loaded without running code and checked; a
     :class:`ConfigError` saying what is wrong otherwise."""
     where = Path(path)
+    damaged = verify(where)
+    if damaged is not None:
+        raise ConfigError(
+            f"{where} is not a readable autoaccum checkpoint: {damaged}. Resume from another "
+            "of the folder's checkpoints (resume= the folder passes over damaged ones)"
+        )
     try:
         raw = torch.load(where, map_location="cpu", weights_only=True)
     except Exception as exc:

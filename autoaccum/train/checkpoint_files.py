@@ -5,21 +5,25 @@ A run writes ``step-NNNNNNNN.pt`` files and a ``latest`` pointer, a small JSON f
 the newest of them and the run's id; every checkpoint holds the run's id too. Files are
 written atomically: to a temporary ``.NAME.tmp-RUNID-PID``, flushed to disk, then renamed;
 a failed write removes its temporary, and ``latest`` is renamed into place only after its
-checkpoint. A :class:`Folder` deletes only what its run wrote (``keep``), or, when a new run
-was explicitly allowed to replace the folder's checkpoints (``overwrite=True``), the files of
-exactly autoaccum's naming that were there. ``latest`` may name only a checkpoint of its own
-folder: a path elsewhere (``../x``, an absolute path, a symbolic link leading out) is refused.
+checkpoint. ``latest`` also records the SHA-256 of every checkpoint the run keeps, so that a
+file damaged on disk afterwards (a flipped bit, a truncation, a copy cut short) is found
+before it is loaded (:func:`verify`), not trained on. A :class:`Folder` deletes only what its
+run wrote (``keep``), or, when a new run was explicitly allowed to replace the folder's
+checkpoints (``overwrite=True``), the files of exactly autoaccum's naming that were there.
+``latest`` may name only a checkpoint of its own folder: a path elsewhere (``../x``, an
+absolute path, a symbolic link leading out) is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -27,12 +31,23 @@ import torch
 
 from autoaccum.errors import ConfigError
 
-__all__ = ["LATEST", "NAME", "Folder", "Pointer", "read_pointer", "run_of", "step_files"]
+__all__ = [
+    "LATEST",
+    "NAME",
+    "Folder",
+    "Pointer",
+    "read_pointer",
+    "run_of",
+    "step_files",
+    "verify",
+]
 
 NAME = re.compile(r"^step-(\d{8,})\.pt$")  #: a checkpoint's file name
 LATEST = "latest"
 _TEMP = re.compile(r"^\.(?:step-\d{8,}\.pt|latest|write-check)\.tmp-([0-9a-f]{32})-\d+$")
 _SHOWN = 4  #: file names listed in a message
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20  #: bytes read at a time to hash a file
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,8 @@ class Pointer:
     checkpoint: Path | None
     run_id: str | None
     damaged: str | None = None
+    #: the SHA-256 (hex) of each checkpoint file (by name) as its run wrote it
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 def _inside(folder: Path, path: Path) -> bool:
@@ -63,17 +80,69 @@ def read_pointer(folder: Path) -> Pointer | None:
     try:
         said = json.loads(pointer.read_text())
         name, run_id = said["checkpoint"], said["run_id"]
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+        digests = said.get("sha256", {})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         return Pointer(None, None, f"{pointer} cannot be read ({type(exc).__name__}: {exc})")
     if not isinstance(run_id, str) or not isinstance(name, str):
         return Pointer(None, None, f"{pointer} cannot be read (not a name and a run id)")
+    if not isinstance(digests, dict) or not all(
+        isinstance(k, str) and NAME.match(k) and isinstance(v, str) and _SHA256.match(v)
+        for k, v in digests.items()
+    ):
+        return Pointer(None, None, f"{pointer} cannot be read (its sha256 entry is malformed)")
     if NAME.match(name) is None or not _inside(folder, folder / name):
         raise ConfigError(
             f"{pointer} names {name!r}, which is not a checkpoint of {folder} (its own "
             "step-NNNNNNNN.pt files): a pointer to a file elsewhere is refused. Resume from a "
             "checkpoint file you trust, or remove the pointer"
         )
-    return Pointer(folder / name, run_id)
+    return Pointer(folder / name, run_id, digests=dict(digests))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: Path) -> str | None:
+    """Why the checkpoint file at ``path`` is not the one its run wrote (None: it is, or its
+    folder's ``latest`` recorded nothing for it: a file copied elsewhere, an older version's)."""
+    try:
+        pointer = read_pointer(path.parent)
+    except ConfigError:
+        return None  # a pointer not to be followed says nothing about this file
+    expected = pointer.digests.get(path.name) if pointer is not None else None
+    if expected is None:
+        return None
+    try:
+        found = _sha256(path)
+    except OSError as exc:
+        return f"it cannot be read ({_reason(exc)})"
+    if found == expected:
+        return None
+    return (
+        f"its bytes are not those its run wrote (SHA-256 {found[:12]}…, where "
+        f"{path.parent / LATEST} recorded {expected[:12]}…): it was damaged or changed on disk"
+    )
+
+
+class _Hashing:
+    """A binary file that hashes what is written to it."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle = handle
+        self.name = handle.name  #: the file's, as a file object has it
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def step_files(folder: Path, *, links: bool = True) -> list[tuple[int, Path]]:
@@ -138,6 +207,7 @@ class Folder:
         self.claimed = False
         self._replace = False  #: the next save replaces the checkpoints of other runs
         self._ours: dict[str, bool] = {}  #: file name → written by this run (peeked once)
+        self._digests: dict[str, str] | None = None  #: this run's files' SHA-256, by name
 
     def _temporary(self, name: str) -> Path:
         return self.path / f".{name}.tmp-{self.run_id}-{os.getpid()}"
@@ -194,20 +264,28 @@ class Folder:
         path = self.path / f"step-{steps:08d}.pt"
         if not self._replace:
             self._check_alone(path)
-        self._write(path, write, f"checkpoint {path}")
+        if self._digests is None:  # a resumed run's earlier files keep theirs
+            pointer = read_pointer(self.path)
+            same = pointer is not None and pointer.run_id == self.run_id
+            self._digests = dict(pointer.digests) if pointer is not None and same else {}
+        self._digests[path.name] = self._write(path, write, f"checkpoint {path}")
         self._ours[path.name] = True
-        pointer = json.dumps({"checkpoint": path.name, "run_id": self.run_id}) + "\n"
+        mine = [p for _, p in step_files(self.path, links=False) if self._is_ours(p)]
+        doomed = [p for p in mine if p != path][keep - 1 :]  # the one just written stays
+        kept = {p.name for p in mine} - {p.name for p in doomed}
+        self._digests = {n: d for n, d in self._digests.items() if n in kept}
+        said = {"checkpoint": path.name, "run_id": self.run_id, "sha256": self._digests}
+        pointer_text = json.dumps(said) + "\n"
         self._write(
             self.path / LATEST,
-            lambda handle: handle.write(pointer.encode()),
+            lambda handle: handle.write(pointer_text.encode()),
             f"{self.path / LATEST} (pointing it at {path.name}, which was written)",
         )
         if self._replace:  # the first checkpoint of a run allowed to replace the others'
             for _, old in step_files(self.path, links=False):
                 if not self._is_ours(old):
                     old.unlink(missing_ok=True)
-        mine = [p for _, p in step_files(self.path, links=False) if self._is_ours(p)]
-        for old in [p for p in mine if p != path][keep - 1 :]:  # the one just written stays
+        for old in doomed:
             old.unlink(missing_ok=True)
             self._ours.pop(old.name, None)
         self._sweep(every_run=self._replace)
@@ -230,11 +308,13 @@ class Folder:
                 "Move it out of the checkpoint folder"
             )
 
-    def _write(self, path: Path, write: Callable[[IO[bytes]], object], what: str) -> None:
+    def _write(self, path: Path, write: Callable[[IO[bytes]], object], what: str) -> str:
+        """Write ``path`` atomically with ``write(handle)``; the SHA-256 of what was written."""
         temporary = self._temporary(path.name)
         try:
             with temporary.open("wb") as handle:
-                write(handle)
+                hashing = _Hashing(handle)
+                write(hashing)  # type: ignore[arg-type]  # write and flush: what torch.save uses
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
@@ -249,6 +329,7 @@ class Folder:
             )
             raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
         _fsync_directory(self.path)
+        return hashing.digest.hexdigest()
 
     def _sweep(self, *, every_run: bool = False) -> None:
         """Remove the temporaries a crash of this run left (autoaccum's naming, this run's id;
