@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import mlp
+from helpers import OOM, mlp
 from reference import ce, samples, windows_of
 from reference import reference as sample_reference
 from tokens_data import LR, Rows, TinyLM, collate, lm_loss, reference, stream
@@ -293,6 +294,68 @@ def test_a_split_sample_is_seen_once() -> None:
     assert result.items_seen == len(stream(rows))
     _, twice, _ = train(20, max_micro=3, epochs=2)
     assert twice.samples_seen == 2 * len(rows.rows)
+
+
+class Budgeted(TinyLM):
+    """Runs out of memory above ``budget`` padded tokens, and once more at the training's
+    forward number ``once`` whatever its size (a fragmented allocator, another process)."""
+
+    def __init__(self, budget: int, once: int | None = None) -> None:
+        super().__init__()
+        self.budget, self.once, self.calls = budget, once, -(10**9)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if input_ids.numel() > self.budget or self.calls == self.once:
+                raise OOM("CUDA out of memory. Tried to allocate 1 MiB (injected)")
+        return super().forward(input_ids)
+
+
+class Arm(autoaccum.Callback):
+    """Counts the model's forwards from the first training step on (the probe's left out)."""
+
+    def __init__(self, model: Budgeted) -> None:
+        self.model = model
+
+    def on_train_start(self, run: autoaccum.RunView) -> None:
+        self.model.calls = 0
+
+
+@pytest.mark.parametrize(
+    ("budget", "once", "kwargs"),
+    [(30, None, {}), (1000, 5, {"max_micro": 3}), (25, 7, {})],
+    ids=["probed", "mid-training", "probed-then-mid-training"],
+)
+def test_out_of_memory_shrinks_the_token_budget_and_every_step_stays_exact(
+    budget: int, once: int | None, kwargs: dict[str, Any]
+) -> None:
+    """The probe finds the budget of padded tokens; an out-of-memory error in a window re-runs
+    it under a smaller budget: still T loss tokens a step, still one big step each."""
+    model, steps = Budgeted(budget, once), Steps()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = autoaccum.fit(
+            model,
+            DataLoader(Rows(), batch_size=4, collate_fn=collate),
+            target_tokens=20,
+            loss_fn=lm_loss,
+            count_fn=autoaccum.count_tokens(shift=True),
+            optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+            progress=False,
+            report=False,
+            callbacks=[Arm(model), steps],
+            **kwargs,
+        )
+    ref = TinyLM()
+    reference(ref, Rows(), [20] * 8)
+    assert rel(model, ref) < TOL
+    assert [items for _, items in steps.seen] == [20.0 * k for k in range(1, 8)] + [155.0]
+    assert result.plan.budget <= budget
+    assert result.oom_retries == (1 if once is not None else 0)
+    if once is not None:
+        retried = [w for w in caught if "retrying the window" in str(w.message)]
+        assert "padded tokens that much smaller than" in str(retried[0].message)
 
 
 def test_a_token_ramp_is_exact_at_every_step() -> None:

@@ -144,9 +144,15 @@ class Resizer:
                 f"at {where} training ran out of memory at micro-batch {old}, and no smaller "
                 f"exact plan exists: {err}"
             ) from None
+        said = (
+            f"with micro-batch {new.micro_batch} and keeping it: {new.describe()}"
+            if not plan.tokens
+            else f"with at most {new.micro_batch} samples a micro-batch, and keeping a budget of "
+            f"padded tokens that much smaller than {plan.budget:,} (target_tokens {plan.tokens})"
+        )
         warnings.warn(
             f"out of memory at {where} with micro-batch {old}; retrying the window (nothing was "
-            f"applied) with micro-batch {new.micro_batch} and keeping it: {new.describe()}",
+            f"applied) {said}",
             UserWarning,
             stacklevel=4,
         )
