@@ -56,13 +56,21 @@ class Shapes:
         return lm_loss(model, batch)
 
 
-def train(target_tokens: Any, **kwargs: Any) -> tuple[TinyLM, autoaccum.FitResult, Steps]:
-    model, steps = TinyLM(), Steps()
+def train(
+    target_tokens: Any,
+    model: TinyLM | None = None,
+    data: Rows | None = None,
+    collate_fn: Any = collate,
+    **kwargs: Any,
+) -> tuple[TinyLM, autoaccum.FitResult, Steps]:
+    """``fit`` of ``model`` (a TinyLM) on ``data`` (Rows()) by loss tokens, SGD, quiet; the
+    steps' targets and items seen."""
+    model, steps = model if model is not None else TinyLM(), Steps()
     kwargs.setdefault("loss_fn", lm_loss)
     kwargs.setdefault("count_fn", autoaccum.count_tokens(shift=True))
     result = autoaccum.fit(
         model,
-        DataLoader(Rows(), batch_size=4, collate_fn=collate),
+        DataLoader(data if data is not None else Rows(), batch_size=4, collate_fn=collate_fn),
         target_tokens=target_tokens,
         optimizer=torch.optim.SGD(model.parameters(), lr=LR),
         progress=False,
@@ -250,19 +258,8 @@ def test_labels_made_by_the_collate_fn_fall_back_to_whole_samples_with_a_warning
     def labelling(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return collate([{"input_ids": r["input_ids"], "labels": r["input_ids"]} for r in rows])
 
-    model = TinyLM()
     with pytest.warns(UserWarning, match="samples carry no row of 'labels'") as caught:
-        result = autoaccum.fit(
-            model,
-            DataLoader(Unlabelled(), batch_size=4, collate_fn=labelling),
-            target_tokens=20,
-            loss_fn=lm_loss,
-            count_fn=autoaccum.count_tokens(shift=True),
-            optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-            max_micro=3,
-            progress=False,
-            report=False,
-        )
+        _, result, _ = train(20, data=Unlabelled(), collate_fn=labelling, max_micro=3)
     assert sum("target_tokens:" in str(w.message) for w in caught) == 1
     rows = Unlabelled()
     total = sum(len(r["input_ids"]) - 1 for r in rows.rows)
@@ -332,21 +329,10 @@ def test_out_of_memory_shrinks_the_token_budget_and_every_step_stays_exact(
 ) -> None:
     """The probe finds the budget of padded tokens; an out-of-memory error in a window re-runs
     it under a smaller budget: still T loss tokens a step, still one big step each."""
-    model, steps = Budgeted(budget, once), Steps()
+    model = Budgeted(budget, once)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = autoaccum.fit(
-            model,
-            DataLoader(Rows(), batch_size=4, collate_fn=collate),
-            target_tokens=20,
-            loss_fn=lm_loss,
-            count_fn=autoaccum.count_tokens(shift=True),
-            optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-            progress=False,
-            report=False,
-            callbacks=[Arm(model), steps],
-            **kwargs,
-        )
+        _, result, steps = train(20, model, callbacks=[Arm(model)], **kwargs)
     ref = TinyLM()
     reference(ref, Rows(), [20] * 8)
     assert rel(model, ref) < TOL
