@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -235,6 +236,7 @@ def check_target(
     return target_batch
 
 
+@functools.lru_cache(maxsize=1024)  # pure, and asked for at every window
 def make_plan(
     target_batch: int,
     max_micro: int,

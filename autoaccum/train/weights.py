@@ -127,6 +127,20 @@ def stand_in(micros: Sequence[Micro], where: str) -> Micro:
     )
 
 
+class Gradients:
+    """Clears a module's gradients (set to None) from a list of its parameters read once:
+    ``nn.Module.zero_grad`` walks the module tree at every call, twice a window here."""
+
+    def __init__(self) -> None:
+        self._params: list[torch.nn.Parameter] | None = None
+
+    def clear(self, module: torch.nn.Module) -> None:
+        if self._params is None:
+            self._params = list(module.parameters())
+        for param in self._params:
+            param.grad = None
+
+
 class BufferBackup:
     """The model's buffers (BatchNorm statistics, counters) as they were when a window began,
     so that a window that is dropped (an error, an out-of-memory retry) leaves no trace in

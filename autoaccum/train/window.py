@@ -41,7 +41,7 @@ from autoaccum.train import weights as W
 from autoaccum.train.data.cut import Window
 from autoaccum.train.resize import Resizer, rechunk
 from autoaccum.train.update import apply_update, note_failed_update
-from autoaccum.train.weights import BufferBackup, Micro, OpenWindow, StepOutcome
+from autoaccum.train.weights import BufferBackup, Gradients, Micro, OpenWindow, StepOutcome
 
 __all__ = ["TrainWindow", "WindowTrainer"]
 
@@ -108,6 +108,7 @@ class WindowTrainer:
     steps: int = 0  #: optimizer steps taken or attempted (the windows stepped so far)
     _open: tuple[TrainWindow, list[Micro], OpenWindow] | None = None
     _buffers: BufferBackup = dataclasses.field(default_factory=BufferBackup)
+    _grads: Gradients = dataclasses.field(default_factory=Gradients)
     _prepared: bool = False  #: the count function's ``prepare`` has run
 
     @property
@@ -115,8 +116,7 @@ class WindowTrainer:
         """DDP's inner module when :meth:`step` reduces the gradients (deferred sync: no DDP
         forward, hence no collective inside a micro-step), else :attr:`model`."""
         if self.sync == "deferred" and isinstance(self.model, nn.parallel.DistributedDataParallel):
-            inner: nn.Module = self.model.module
-            return inner
+            return self.model.module  # type: ignore[no-any-return]
         return self.model
 
     def prepare_count(self, batch: Any) -> None:
@@ -139,7 +139,7 @@ class WindowTrainer:
         if self._open is not None and (problem := W.reopened(*self._open[::2], window)):
             self.abort()
             raise ConfigError(problem)
-        self.module.zero_grad(set_to_none=True)  # nothing left by a stray backward before
+        self._grads.clear(self.module)  # nothing left by a stray backward before
         where, batches = self.where(window.data), window.data.micro_batches
 
         def count() -> list[float]:
@@ -303,7 +303,7 @@ class WindowTrainer:
             stepped = self._update(window_loss, where)
         finally:  # applied or failed, the window's gradients are gone
             self.optimizer.zero_grad(set_to_none=True)
-            self.module.zero_grad(set_to_none=True)
+            self._grads.clear(self.module)
         return StepOutcome(window_loss, state.samples, state.items, stepped)
 
     def _update(self, window_loss: float, where: str) -> bool:
