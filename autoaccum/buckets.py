@@ -29,7 +29,18 @@ import torch.distributed as dist
 
 from autoaccum.errors import check_count
 
-__all__ = ["BUCKET_BYTES", "IN_FLIGHT", "all_reduce_mean", "broadcast_from", "plan_buckets"]
+__all__ = [
+    "BUCKET_BYTES",
+    "IN_FLIGHT",
+    "Buffers",
+    "all_reduce_mean",
+    "broadcast_from",
+    "plan_buckets",
+    "reserve",
+]
+
+#: The byte buffers a call packs its buckets into, by device (see :func:`reserve`).
+Buffers = dict[torch.device, list[torch.Tensor]]
 
 #: About DDP's ``bucket_cap_mb`` (25 MiB): big enough that the latency of a collective is
 #: small beside its transfer, small enough that the first buckets go out while the next are
@@ -90,12 +101,40 @@ def _nbytes(members: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in members)
 
 
+def _largest(buckets: list[list[torch.Tensor]]) -> dict[torch.device, int]:
+    """The bytes of each device's largest packed bucket."""
+    largest: dict[torch.device, int] = {}
+    for members in buckets:
+        if _packed(members):
+            device = members[0].device
+            largest[device] = max(largest.get(device, 0), _nbytes(members))
+    return largest
+
+
+def reserve(
+    tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES, in_flight: int = IN_FLIGHT
+) -> Buffers:
+    """The byte buffers a call over ``tensors`` packs its buckets into, allocated now: where
+    running out of memory can still be told to the other ranks, before any collective."""
+    buckets = [[tensors[i] for i in bucket] for bucket in plan_buckets(tensors, bucket_bytes)]
+    largest = _largest(buckets)
+    count = {d: sum(_packed(m) and m[0].device == d for m in buckets) for d in largest}
+    return {
+        device: [
+            torch.empty(size, dtype=torch.uint8, device=device)
+            for _ in range(min(in_flight, count[device]))
+        ]
+        for device, size in largest.items()
+    }
+
+
 def _run(
     tensors: Sequence[torch.Tensor],
     bucket_bytes: int,
     issue: Callable[[torch.Tensor], Any],
     finish: Callable[[torch.Tensor, list[torch.Tensor]], None],
     in_flight: int,
+    buffers: Buffers | None = None,
 ) -> list[torch.Tensor]:
     """Issue ``issue(flat)`` for every bucket in order, at most ``in_flight`` packed ones
     outstanding; each packed bucket is waited for and ``finish``-ed (oldest first) before the
@@ -105,14 +144,11 @@ def _run(
     The packed buckets go through at most ``in_flight`` byte buffers per device, each as
     large as the largest bucket and reused for bucket after bucket (any dtype): the pages
     are touched once per call, not once per bucket (on the CPU, fresh pages cost more than
-    the copy)."""
+    the copy); ``buffers`` (of :func:`reserve`) are used first."""
     buckets = [[tensors[i] for i in bucket] for bucket in plan_buckets(tensors, bucket_bytes)]
-    largest: dict[torch.device, int] = {}
-    for members in buckets:
-        if _packed(members):
-            device = members[0].device
-            largest[device] = max(largest.get(device, 0), _nbytes(members))
-    spare: dict[torch.device, list[torch.Tensor]] = {device: [] for device in largest}
+    largest = _largest(buckets)
+    given = buffers or {}
+    spare: Buffers = {device: list(given.get(device, [])) for device in largest}
     pending: deque[tuple[torch.Tensor, list[torch.Tensor], Any, torch.Tensor | None]] = deque()
     as_is: list[torch.Tensor] = []
     packed = 0
@@ -153,9 +189,11 @@ def all_reduce_mean(
     bucket_bytes: int = BUCKET_BYTES,
     *,
     in_flight: int = IN_FLIGHT,
+    buffers: Buffers | None = None,
 ) -> None:
     """Average ``tensors`` over the ``world_size`` ranks in place: the sum of every bucket
-    (one all-reduce each, asynchronous), divided by ``world_size``."""
+    (one all-reduce each, asynchronous), divided by ``world_size``; ``buffers``: those
+    :func:`reserve` took for these tensors."""
     world = float(check_count("world_size", world_size))
     check_count("bucket_bytes", bucket_bytes, minimum=0)
     check_count("in_flight", in_flight)
@@ -167,7 +205,7 @@ def all_reduce_mean(
         flat.div_(world)
         _unpack(flat, members)
 
-    as_is = _run(tensors, bucket_bytes, issue, finish, in_flight)
+    as_is = _run(tensors, bucket_bytes, issue, finish, in_flight, buffers)
     dense = [t for t in as_is if _dense(t)]
     if dense:
         torch._foreach_div_(dense, world)

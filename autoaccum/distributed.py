@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autoaccum.buckets import BUCKET_BYTES, all_reduce_mean, broadcast_from
+from autoaccum.buckets import BUCKET_BYTES, all_reduce_mean, broadcast_from, reserve
 from autoaccum.errors import ConfigError, DistributedError, check_count
 from autoaccum.rendezvous import join
 
@@ -28,6 +28,7 @@ __all__ = [
     "is_fsdp2",
     "local_cuda_index",
     "local_tensor",
+    "prepare_reduction",
     "reduce_gradients",
     "resolve_sync",
     "select_device",
@@ -256,19 +257,28 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 def reduce_gradients(
     module: nn.Module, info: DistInfo, *, bucket_bytes: int = BUCKET_BYTES
 ) -> None:
+    """:func:`prepare_reduction`, then the reduction."""
+    prepare_reduction(module, info, bucket_bytes=bucket_bytes)()
+
+
+def prepare_reduction(
+    module: nn.Module, info: DistInfo, *, bucket_bytes: int = BUCKET_BYTES
+) -> Callable[[], None]:
     """Average every trainable parameter's gradient over the ranks, in place, the way DDP's
     reduction would (a parameter without a gradient on a rank counts as zeros there).
 
     Used when a window's micro-steps all ran without gradient sync and the ranks have agreed
-    that every one of them succeeded: no rank can be left inside a half-done reduction. The
+    that every one of them succeeded: no rank can be left inside a half-done reduction. What
+    it allocates (the zero gradients of parameters that had none, the buckets' buffers) is
+    taken here, before the ranks agree, so that running out of memory for it stops every rank
+    instead of leaving the others inside a collective; the returned call reduces. The
     gradients go in flat buckets of about ``bucket_bytes`` per dtype (:mod:`autoaccum.buckets`;
     ``0``: one all-reduce per parameter), all issued together and waited for together; the
-    buckets are freed once copied back. Beyond them, only the zero gradients of parameters
-    that had none are allocated.
+    buckets are freed once copied back.
     """
     check_count("bucket_bytes", bucket_bytes, minimum=0)
     if not info.active or info.world_size == 1:
-        return
+        return lambda: None
     grads = []
     for param in module.parameters():
         if not param.requires_grad:
@@ -276,7 +286,8 @@ def reduce_gradients(
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         grads.append(param.grad)
-    all_reduce_mean(grads, info.world_size, bucket_bytes)
+    buffers = reserve(grads, bucket_bytes)
+    return lambda: all_reduce_mean(grads, info.world_size, bucket_bytes, buffers=buffers)
 
 
 def broadcast_buffers(

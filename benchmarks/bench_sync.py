@@ -14,7 +14,7 @@ Two figures per model, each the median of runs taken in turn (A B C A B C …):
   a step hook (:class:`benchmarks.loops.WindowClock`).
 
 fit always reduces with the default buckets; for the per-parameter windows this script
-swaps ``autoaccum.distributed.reduce_gradients`` for ``bucket_bytes=0`` while they run.
+swaps ``autoaccum.distributed.prepare_reduction`` for ``bucket_bytes=0`` while they run.
 
     python -m benchmarks.bench_sync --out benchmarks/out             # the three models
     python -m benchmarks.bench_sync --tiny --out /tmp/sync           # smoke run, seconds
@@ -73,12 +73,12 @@ def _sync(device: torch.device) -> None:
 @contextmanager
 def _per_parameter() -> Iterator[None]:
     """fit's deferred reduction with one all-reduce per parameter, while inside."""
-    real = D.reduce_gradients
-    D.reduce_gradients = functools.partial(real, bucket_bytes=0)  # type: ignore[assignment]
+    real = D.prepare_reduction
+    D.prepare_reduction = functools.partial(real, bucket_bytes=0)  # type: ignore[assignment]
     try:
         yield
     finally:
-        D.reduce_gradients = real  # type: ignore[assignment]
+        D.prepare_reduction = real  # type: ignore[assignment]
 
 
 def time_reduction(

@@ -294,6 +294,16 @@ def test_a_failure_one_rank_cannot_recover_stops_every_rank_without_waiting(
     assert kinds == ["DistributedError", "ValueError"]
     assert "rank 1: ValueError: a corrupt sample in the data" in outs[0]["loss_fn"][1]
     assert max(out["loss_fn"][2] for out in outs) < prompt
+    # no memory for the deferred reduction on rank 1: told before rank 0 enters a collective
+    (kind0, message0, seconds0, kept0), (kind1, _, seconds1, kept1) = (
+        out["reduction"] for out in outs
+    )
+    assert (kind0, kind1) == ("DistributedError", "OutOfMemoryError")
+    assert "rank 1: OutOfMemoryError" in message0
+    assert "optimizer step 2" in message0
+    assert kept0
+    assert kept1  # window 2 reached neither rank's weights
+    assert max(seconds0, seconds1) < prompt
 
 
 def test_without_a_supervisor_one_ranks_error_ends_every_rank(

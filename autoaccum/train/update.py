@@ -1,15 +1,39 @@
-"""The optimizer update of one window: clipping, the (possibly fp16-scaled) optimizer step,
-the scheduler step."""
+"""The optimizer update of one window: the deferred gradient reduction made ready, clipping,
+the (possibly fp16-scaled) optimizer step, the scheduler step."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
+from autoaccum import distributed as D
 from autoaccum.step.oom import is_oom
+from autoaccum.step.ranks import Ranks
 
-__all__ = ["apply_update", "note_failed_update"]
+__all__ = ["agreed_update", "apply_update", "note_failed_update", "ready_reduction"]
+
+
+def ready_reduction(
+    module: nn.Module, info: D.DistInfo, sync: str, where: str
+) -> tuple[Callable[[], None], BaseException | None]:
+    """The deferred sync's gradient reduction with its memory taken (a no-op for the other
+    syncs and one rank), or why it could not be: for the window's loss exchange to tell every
+    rank before any of them enters a collective."""
+    if sync != "deferred":
+        return lambda: None, None
+    try:
+        return D.prepare_reduction(module, info), None
+    except Exception as exc:
+        if is_oom(exc):
+            exc.add_note(
+                f"autoaccum: this happened making ready the gradient reduction of {where}, "
+                "after every micro-batch of the window; nothing of it was applied (free memory "
+                "held elsewhere, or use a smaller model or precision='bf16')"
+            )
+        return lambda: None, exc
 
 
 def apply_update(
@@ -42,6 +66,32 @@ def apply_update(
             scheduler.step(window_loss)  # it steps on a metric: the window loss
         else:
             scheduler.step()
+    return stepped
+
+
+def agreed_update(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: Any,
+    max_grad_norm: float | None,
+    window_loss: float,
+    *,
+    ranks: Ranks,
+    where: str,
+) -> bool:
+    """:func:`apply_update`, then (several ranks) the exchange that says whether every rank's
+    update succeeded: a rank whose update failed stops them all."""
+    failure: BaseException | None = None
+    stepped = False
+    try:
+        stepped = apply_update(optimizer, scaler, scheduler, max_grad_norm, window_loss)
+    except Exception as exc:
+        failure = note_failed_update(exc, where)
+    if ranks.multi:
+        here = f"the optimizer update of {where}"
+        ranks.agree("the optimizer update", failure=failure, where=here)
+    if failure is not None:
+        raise failure
     return stepped
 
 

@@ -9,7 +9,8 @@ On several ranks one window exchanges these words (:mod:`autoaccum.step.ranks`),
     2 … n+1    a micro-step                micro_steps()  after each: out of memory? failed?
                                                            (a rank with fewer micro-steps says
                                                            "nothing" until the longest is done)
-    n+2        the window's loss           step()         non-finite: dropped on every rank
+    n+2        the window's loss           step()         non-finite, or no memory for the
+                                                           reduction: dropped on every rank
                (deferred sync: the gradients' all-reduce, now that every rank succeeded)
     n+3        the optimizer update        step()         did every rank's update succeed?
 
@@ -40,7 +41,7 @@ from autoaccum.step.ranks import Ranks
 from autoaccum.train import weights as W
 from autoaccum.train.data.cut import Window
 from autoaccum.train.resize import Resizer, rechunk
-from autoaccum.train.update import apply_update, note_failed_update
+from autoaccum.train.update import agreed_update, ready_reduction
 from autoaccum.train.weights import BufferBackup, Gradients, Micro, OpenWindow, StepOutcome
 
 __all__ = ["TrainWindow", "WindowTrainer"]
@@ -286,7 +287,14 @@ class WindowTrainer:
                 "(the window was dropped, nothing of it applied)"
             )
         where = self.where(window.data)
-        agreed = self.ranks.agree("the window's loss", loss=float(state.loss_sum), where=where)
+        reduce, failure = ready_reduction(self.module, self.ranks.info, self.sync, where)
+        try:
+            agreed = self.ranks.agree(
+                "the window's loss", failure=failure, loss=float(state.loss_sum), where=where
+            )
+        except BaseException:
+            self.abort()
+            raise
         window_loss = agreed.loss / state.items
         if not math.isfinite(window_loss):
             self.abort()
@@ -296,32 +304,22 @@ class WindowTrainer:
         window.applied = True  # from here on nothing of the window is run again
         self.steps += 1
         try:
-            if self.sync == "deferred":
-                D.reduce_gradients(self.module, self.ranks.info)
-                if getattr(self.model, "broadcast_buffers", False):
-                    D.broadcast_buffers(self.module, self.ranks.info)
-            stepped = self._update(window_loss, where)
+            reduce()
+            if self.sync == "deferred" and getattr(self.model, "broadcast_buffers", False):
+                D.broadcast_buffers(self.module, self.ranks.info)
+            stepped = agreed_update(  # exchange n+3: a rank whose update failed stops all
+                self.optimizer,
+                self.scaler,
+                self.scheduler,
+                self.max_grad_norm,
+                window_loss,
+                ranks=self.ranks,
+                where=where,
+            )
         finally:  # applied or failed, the window's gradients are gone
             self.optimizer.zero_grad(set_to_none=True)
             self._grads.clear(self.module)
         return StepOutcome(window_loss, state.samples, state.items, stepped)
-
-    def _update(self, window_loss: float, where: str) -> bool:
-        """The optimizer update, then exchange n+3: a rank whose update failed stops all."""
-        failure: BaseException | None = None
-        stepped = False
-        try:
-            stepped = apply_update(
-                self.optimizer, self.scaler, self.scheduler, self.max_grad_norm, window_loss
-            )
-        except Exception as exc:
-            failure = note_failed_update(exc, where)
-        if self.ranks.multi:
-            here = f"the optimizer update of {where}"
-            self.ranks.agree("the optimizer update", failure=failure, where=here)
-        if failure is not None:
-            raise failure
-        return stepped
 
     def abort(self) -> None:
         """Drop the open window: gradients cleared, buffers put back, nothing applied."""

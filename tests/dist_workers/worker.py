@@ -32,6 +32,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import DataLoader
 
 import autoaccum
+from autoaccum import distributed as D
 from autoaccum.train.callbacks import Callback, Checkpoint, Evaluate, RunView
 from dist_workers import fit_group
 from dist_workers.common import WORLD, Faults, bn_mlp, faulty_mlp, out_dir, params, summary
@@ -254,7 +255,47 @@ def failures(rank: int) -> dict[str, Any]:
         fit_sgd(mlp(), DataLoader(samples(48), batch_size=8), 16, loss_fn=broken, max_micro=4)
     except Exception as exc:
         out["loss_fn"] = (type(exc).__name__, str(exc), time.monotonic() - start)
+    out["reduction"] = _no_memory_to_reduce(rank)
     return out
+
+
+def _no_memory_to_reduce(rank: int) -> tuple[str, str, float, bool]:
+    """Rank 1 runs out of memory taking the deferred reduction's buffers in window 2, after
+    rank 0 has taken its own: both stop at once, and window 2 reaches neither's weights."""
+    model = mlp()
+    after: list[list[torch.Tensor]] = []
+
+    class Weights(Callback):
+        def on_step(self, run: RunView) -> None:
+            after.append([p.detach().clone() for p in model.parameters()])
+
+    real, calls = D.reserve, [0]
+
+    def reserve(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if rank == 1 and calls[0] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 25.00 MiB")
+        return real(*args, **kwargs)
+
+    D.reserve = reserve  # type: ignore[assignment]
+    start = time.monotonic()
+    try:
+        fit_sgd(
+            model,
+            DataLoader(samples(48), batch_size=8),
+            16,
+            max_micro=4,
+            loss_fn=ce,
+            callbacks=[Weights()],
+        )
+        return ("no error", "", time.monotonic() - start, False)
+    except Exception as exc:
+        kept = len(after) == 1 and all(
+            torch.equal(p, q) for p, q in zip(model.parameters(), after[0], strict=True)
+        )
+        return (type(exc).__name__, str(exc), time.monotonic() - start, kept)
+    finally:
+        D.reserve = real  # type: ignore[assignment]
 
 
 class FailOnRank1(Callback):
