@@ -344,6 +344,37 @@ def test_out_of_memory_shrinks_the_token_budget_and_every_step_stays_exact(
         assert "padded tokens that much smaller than" in str(retried[0].message)
 
 
+class Squeeze(autoaccum.Callback):
+    """After step 2 the device holds less (another process took memory): 22 padded tokens."""
+
+    def __init__(self, model: Budgeted) -> None:
+        self.model = model
+
+    def on_step(self, run: autoaccum.RunView) -> None:
+        if run.state().step == 2:
+            self.model.budget = 22
+
+
+def test_memory_lost_mid_epoch_recuts_the_epochs_packed_windows_under_the_smaller_budget() -> None:
+    """The epoch's windows were packed under the first budget; after an out-of-memory error the
+    later ones are cut under the smaller budget, not each run out of memory again (which would
+    shrink the budget again and again, far below what fits)."""
+    rows, model = Rows(n=80), Budgeted(10**9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, result, steps = train(40, model, rows, max_micro=6, epochs=2, callbacks=[Squeeze(model)])
+    total = len(stream(rows))
+    targets = [40] * (total // 40) + ([total % 40] if total % 40 else [])
+    ref = TinyLM()
+    for _ in range(2):  # two epochs, in the loader's (unshuffled) order
+        reference(ref, rows, targets)
+    assert rel(model, ref) < TOL
+    seen = [items for _, items in steps.seen]
+    assert [b - a for a, b in zip([0.0, *seen[:-1]], seen, strict=True)] == targets * 2
+    assert result.oom_retries <= 3
+    assert result.plan.budget >= 0.8 * 22  # within a shrink of what fits
+
+
 def test_a_token_ramp_is_exact_at_every_step() -> None:
     ramp = Ramp(10, 40, 4)  # 10, 18, 25, 32, then 40
     model, _, steps = train(ramp, max_micro=3)

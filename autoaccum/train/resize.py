@@ -27,7 +27,7 @@ from autoaccum.errors import BatchError, NoBatchFitsError, PlanError
 from autoaccum.memory.peaks import peak_line
 from autoaccum.plan import Plan, even_split, make_plan
 from autoaccum.results import ProbeResult, Resize
-from autoaccum.step.batches import batch_size, concat_batches, split_batch
+from autoaccum.step.batches import batch_size, concat_batches, map_tensors, split_batch
 from autoaccum.step.oom import requested_bytes
 from autoaccum.train.data.cut import Window
 
@@ -58,8 +58,12 @@ def rechunk(micro_batches: Sequence[Any], plan: Plan) -> list[Any]:
 
     Micro-batches are joined and split per ``plan.window_sizes``; batches that cannot be
     joined (padded to different lengths) are each split into pieces no larger than
-    ``plan.micro_batch`` instead.
+    ``plan.micro_batch`` instead. With ``target_tokens`` each micro-batch over the plan's
+    budget of padded tokens (packed when the budget was larger: earlier in the epoch, before
+    an out-of-memory error) is split into pieces under it.
     """
+    if plan.tokens:
+        return _under_budget(micro_batches, plan.budget)
     sizes = [batch_size(b) for b in micro_batches]
     if not sizes or max(sizes) <= plan.micro_batch:  # (a rank's share may be empty)
         return list(micro_batches)
@@ -70,6 +74,30 @@ def rechunk(micro_batches: Sequence[Any], plan: Plan) -> list[Any]:
         for batch, n in zip(micro_batches, sizes, strict=True):
             pieces.extend(split_batch(batch, even_split(n, math.ceil(n / plan.micro_batch))))
         return pieces
+
+
+def _padded_length(batch: Any) -> int:
+    """The length a padded batch's sequences were padded to (its tensors' second dimension)."""
+    lengths = [1]
+
+    def note(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2:
+            lengths.append(int(leaf.shape[1]))
+        return leaf
+
+    map_tensors(batch, note)
+    return max(lengths)
+
+
+def _under_budget(micro_batches: Sequence[Any], budget: int) -> list[Any]:
+    """``micro_batches``, each over ``budget`` padded tokens split into even pieces under it."""
+    pieces: list[Any] = []
+    for batch in micro_batches:
+        n = batch_size(batch)
+        most = max(1, budget // _padded_length(batch)) if budget else n
+        parts = even_split(n, math.ceil(n / most))
+        pieces.extend(split_batch(batch, parts) if n > most else [batch])
+    return pieces
 
 
 class Resizer:
