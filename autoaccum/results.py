@@ -189,7 +189,8 @@ class MemoryBreakdown:
 
 @dataclass(frozen=True)
 class Resize:
-    """A change of the micro-batch during training, and the window where it happened."""
+    """A change of the micro-batch during training, and the window where it happened (with
+    ``target_tokens``: of the budget of padded tokens; ``old`` and ``new`` are budgets)."""
 
     step: int  #: the optimizer step (1-based) whose window was re-run or grown
     epoch: int

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import autoaccum
 from autoaccum import NoBatchFitsError
-from autoaccum.plan import make_plan
+from autoaccum.plan import make_plan, packed_plan
 from autoaccum.train.data.cut import Window
 from autoaccum.train.resize import Resizer, rechunk, shrink
 
@@ -204,4 +204,35 @@ def test_the_micro_batch_grows_back_but_never_to_a_size_that_failed_twice() -> N
         ("oom", 16, 11),
         ("grow", 11, 16),
         ("oom", 16, 11),
+    ]
+
+
+def test_a_token_budget_shrinks_and_grows_back_but_never_to_one_that_failed_twice() -> None:
+    """With target_tokens the resizer's sizes are budgets of padded tokens: as much smaller as
+    the micro-batch after running out of memory, back up after clean windows, said in
+    padded tokens, never to a budget that failed twice."""
+    resizer = Resizer(ceiling=400, grow_after=3)
+    resizer.current = 400
+    window = Window(0, 0, (), 0)
+    first = packed_plan((10, 10), 1000, 400)  # 10 samples of at most 40 tokens a micro-batch
+    with pytest.warns(UserWarning, match="under a budget of 400 padded tokens; .* under 360"):
+        plan = resizer.after_oom(first, window, 1, "step 1")
+    assert (plan.tokens, plan.budget, resizer.current) == (1000, 360, 360)
+    for step in range(2, 4):
+        assert resizer.after_window(plan, window, step) == plan
+    with pytest.warns(UserWarning, match="budget of 360 padded tokens: growing it back to 396"):
+        plan = resizer.after_window(plan, window, 4)
+    assert plan.budget == 396
+    for step in range(5, 8):
+        plan = resizer.after_window(plan, window, step)
+    assert plan.budget == 400
+    with pytest.warns(UserWarning, match="under a budget of 400"):
+        plan = resizer.after_oom(plan, window, 8, "step 8")  # 400 has failed twice now
+    for step in range(9, 60):
+        plan = resizer.after_window(plan, window, step)
+    assert plan.budget < 400
+    assert [(r.reason, r.old, r.new) for r in resizer.resizes][:3] == [
+        ("oom", 400, 360),
+        ("grow", 360, 396),
+        ("grow", 396, 400),
     ]

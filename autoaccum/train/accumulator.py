@@ -318,7 +318,7 @@ class Accumulator:
         after a run of clean windows); ``fit`` runs this."""
         plan = self.planner.for_window(window.data)
         outcome, after = self.trainer.train(window, plan)
-        self.planner.trained(plan, after)
+        self.planner.trained(after)
         return outcome
 
     # ------------------------------------------------------------------ state

@@ -65,7 +65,6 @@ class Planner:
         if self.longest:  # a budget of padded tokens: max_micro samples of the longest
             budget = max_micro * self.longest
             self.resizer.current = self.resizer.ceiling = budget
-            self.resizer.grow_after = 2**62  # the budget shrinks after OOM, never grows back
             self.plan = packed_plan((max_micro,), self.schedule(step), budget, packed=False)
             return self.plan
         ceiling = min(max_micro, self.share)
@@ -85,17 +84,12 @@ class Planner:
         budget = self.resizer.current or 0
         return packed_plan(sizes, window.target, budget, self.min_micro)
 
-    def trained(self, plan: Plan, after: Plan) -> None:
-        """The plan after a window trained under ``plan`` (``after``: smaller after an
-        out-of-memory error); with target_tokens the budget shrinks as the window did."""
-        if not self.longest:
-            self.plan = after
-            return
-        budget = plan.budget
-        if after.micro_batch < plan.micro_batch:  # ran out of memory: as much smaller
-            budget = max(self.longest, budget * after.micro_batch // plan.micro_batch)
-        self.resizer.current = budget
-        self.plan = dataclasses.replace(after, tokens=plan.tokens, budget=budget)
+    def trained(self, after: Plan) -> None:
+        """The plan in force after a window: ``after`` (smaller after an out-of-memory error,
+        grown back after a run of clean windows); with target_tokens, its budget."""
+        self.plan = after
+        if self.longest:  # the budget the resizer made smaller or grew back, or kept
+            self.resizer.current = after.budget
 
     def with_rank_sizes(self, plan: Plan, ranks: Ranks) -> Plan:
         """``plan`` knowing every rank's split (every rank calls it, at the same point)."""

@@ -15,6 +15,7 @@ twice. Every change is a :class:`~autoaccum.results.Resize`, warned about.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections import Counter
@@ -149,7 +150,7 @@ class Resizer:
     ) -> Plan:
         """The plan to re-run ``window`` with after ``plan`` ran out of memory in it."""
         old = plan.micro_batch
-        self.failures[old] += 1
+        self.failures[plan.budget if plan.tokens else old] += 1
         self.clean = 0
         smaller = shrink(old, over_bytes=over_bytes, per_sample=per_sample)
         if smaller < plan.min_micro:
@@ -172,21 +173,23 @@ class Resizer:
                 f"at {where} training ran out of memory at micro-batch {old}, and no smaller "
                 f"exact plan exists: {err}"
             ) from None
-        said = (
-            f"with micro-batch {new.micro_batch} and keeping it: {new.describe()}"
-            if not plan.tokens
-            else f"with at most {new.micro_batch} samples a micro-batch, and keeping a budget of "
-            f"padded tokens that much smaller than {plan.budget:,} (target_tokens {plan.tokens})"
-        )
+        if plan.tokens:  # a budget of padded tokens, as much smaller
+            budget = max(1, plan.budget * smaller // old)
+            new = dataclasses.replace(new, tokens=plan.tokens, budget=budget)
+            said = f"under a budget of {plan.budget:,} padded tokens"
+            after = f"under {budget:,} and keeping it (target_tokens {plan.tokens})"
+            sizes, self.current = (plan.budget, budget), budget
+        else:
+            said = f"with micro-batch {old}"
+            after = f"with micro-batch {new.micro_batch} and keeping it: {new.describe()}"
+            sizes, self.current = (old, new.micro_batch), new.max_micro  # its ceiling
         warnings.warn(
-            f"out of memory at {where} with micro-batch {old}; retrying the window (nothing was "
-            f"applied) {said}",
+            f"out of memory at {where} {said}; retrying the window (nothing was applied) {after}",
             UserWarning,
             stacklevel=4,
         )
-        self._record(step, window, old, new.micro_batch, "oom")
+        self._record(step, window, *sizes, "oom")
         self.oom_retries += 1
-        self.current = new.max_micro  # the ceiling it was made under
         return new
 
     def after_window(self, plan: Plan, window: Window, step: int) -> Plan:
@@ -204,6 +207,16 @@ class Resizer:
         if target <= now:
             return plan
         self.current = target  # memory given back, whether this window's share can use it
+        if plan.tokens:
+            warnings.warn(
+                f"{self.grow_after} windows without running out of memory under a budget of "
+                f"{now:,} padded tokens: growing it back to {target:,} (target_tokens "
+                f"{plan.tokens}; windows are packed under it from the next epoch)",
+                UserWarning,
+                stacklevel=4,
+            )
+            self._record(step + 1, window, now, target, "grow")
+            return dataclasses.replace(plan, budget=target)
         try:
             new = plan.under(min(target, plan.per_rank))
         except PlanError:
