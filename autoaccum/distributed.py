@@ -264,17 +264,18 @@ def reduce_gradients(
 def prepare_reduction(
     module: nn.Module, info: DistInfo, *, bucket_bytes: int = BUCKET_BYTES
 ) -> Callable[[], None]:
-    """Average every trainable parameter's gradient over the ranks, in place, the way DDP's
-    reduction would (a parameter without a gradient on a rank counts as zeros there).
+    """The average of every trainable parameter's gradient over the ranks, made ready: the
+    returned call averages them in place, the way DDP's reduction would (a parameter without a
+    gradient on a rank counts as zeros there).
 
-    Used when a window's micro-steps all ran without gradient sync and the ranks have agreed
-    that every one of them succeeded: no rank can be left inside a half-done reduction. What
-    it allocates (the zero gradients of parameters that had none, the buckets' buffers) is
-    taken here, before the ranks agree, so that running out of memory for it stops every rank
-    instead of leaving the others inside a collective; the returned call reduces. The
-    gradients go in flat buckets of about ``bucket_bytes`` per dtype (:mod:`autoaccum.buckets`;
-    ``0``: one all-reduce per parameter), all issued together and waited for together; the
-    buckets are freed once copied back.
+    Used when a window's micro-steps all ran without gradient sync, and called once the ranks
+    have agreed that every one of them succeeded: no rank can be left inside a half-done
+    reduction. What it allocates (the zero gradients of parameters that had none, the buckets'
+    buffers) is taken here, before the ranks agree, so that running out of memory for it stops
+    every rank instead of leaving the others inside a collective. The gradients go in flat
+    buckets of about ``bucket_bytes`` per dtype (:mod:`autoaccum.buckets`; ``0``: one
+    all-reduce per parameter), all issued together and waited for together; the buckets are
+    freed once copied back.
     """
     check_count("bucket_bytes", bucket_bytes, minimum=0)
     if not info.active or info.world_size == 1:
