@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import autoaccum
 from autoaccum import NoBatchFitsError
-from autoaccum.plan import make_plan, packed_plan
+from autoaccum.plan import Plan, make_plan, packed_plan
 from autoaccum.train.data.cut import Window
 from autoaccum.train.resize import Resizer, rechunk, shrink
 
@@ -207,6 +207,13 @@ def test_the_micro_batch_grows_back_but_never_to_a_size_that_failed_twice() -> N
     ]
 
 
+def _clean(resizer: Resizer, plan: Plan, window: Window, steps: range) -> Plan:
+    """``plan`` after clean windows at ``steps``."""
+    for step in steps:
+        plan = resizer.after_window(plan, window, step)
+    return plan
+
+
 def test_a_token_budget_shrinks_and_grows_back_but_never_to_one_that_failed_twice() -> None:
     """With target_tokens the resizer's sizes are budgets of padded tokens: as much smaller as
     the micro-batch after running out of memory, back up after clean windows, said in
@@ -223,14 +230,15 @@ def test_a_token_budget_shrinks_and_grows_back_but_never_to_one_that_failed_twic
     with pytest.warns(UserWarning, match="budget of 360 padded tokens: growing it back to 396"):
         plan = resizer.after_window(plan, window, 4)
     assert plan.budget == 396
-    for step in range(5, 8):
-        plan = resizer.after_window(plan, window, step)
+    with pytest.warns(UserWarning, match="budget of 396 padded tokens: growing it back to 400"):
+        plan = _clean(resizer, plan, window, range(5, 8))
     assert plan.budget == 400
     with pytest.warns(UserWarning, match="under a budget of 400"):
         plan = resizer.after_oom(plan, window, 8, "step 8")  # 400 has failed twice now
-    for step in range(9, 60):
-        plan = resizer.after_window(plan, window, step)
-    assert plan.budget < 400
+    with pytest.warns(UserWarning, match="growing it back to") as grown:
+        plan = _clean(resizer, plan, window, range(9, 60))
+    assert "growing it back to 399" in str(grown[-1].message)  # below 400, not to it
+    assert plan.budget == 399
     assert [(r.reason, r.old, r.new) for r in resizer.resizes][:3] == [
         ("oom", 400, 360),
         ("grow", 360, 396),
