@@ -110,7 +110,9 @@ def probe(
                 "raise upper (the per-rank target batch) to at least 2"
             )
         lower = smallest
-    if ranks is None or not ranks.multi:
+    multi = ranks if ranks is not None and ranks.multi else None
+
+    def search() -> ProbeResult:
         return _probe(
             model,
             batch,
@@ -122,34 +124,19 @@ def probe(
             margin,
             dev,
             micro_steps,
-            None,
+            multi,
             meter,
             choose,
             forward_only,
         )
+
+    if multi is None:
+        return search()
     point = "probing the micro-batch"
-    found = ranks.run(
-        lambda: _probe(
-            model,
-            batch,
-            loss_fn,
-            optimizer,
-            upper,
-            lower,
-            prec,
-            margin,
-            dev,
-            micro_steps,
-            ranks,
-            meter,
-            choose,
-            forward_only,
-        ),
-        point,
-    )
-    agreed = ranks.minimum(point, found.max_micro, point)
+    found = multi.run(search, point)
+    agreed = multi.minimum(point, found.max_micro, point)
     note = (
-        f"the smallest ceiling of {ranks.size} ranks: {agreed}" if agreed < found.max_micro else ""
+        f"the smallest ceiling of {multi.size} ranks: {agreed}" if agreed < found.max_micro else ""
     )
     notes = (*found.notes, note) if note else found.notes
     return replace(found, max_micro=agreed, notes=notes)
